@@ -1,4 +1,5 @@
 import json
+import pickle
 import socket
 import warnings
 from pathlib import Path
@@ -72,6 +73,11 @@ def test_jsonl(tmp_path):
     docs = list(iter_documents([p]))
     assert docs == [Document("data.jsonl:1", "first ü"), Document("data.jsonl:abc", "second"),
                     Document("data.jsonl:5", "third")]
+    # U+2028 is a line break for str.splitlines but legal inside a JSON string;
+    # a bad byte on one line is replaced and counted like in plain files.
+    sep = write(tmp_path / "sep.jsonl", '{"text": "a\u2028b"}\n'.encode() + b'{"text": "caf\xe9"}\n')
+    with pytest.warns(DecodeWarning, match="1 byte"):
+        assert [d.text for d in iter_documents([sep])] == ["a\u2028b", "caf\ufffd"]
     write(tmp_path / "bad.jsonl", '{"text": "ok"}\n{"text": broken\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
         list(iter_documents([tmp_path / "bad.jsonl"]))
@@ -225,6 +231,9 @@ def test_corrupt_store_rebuilt(corpus, tmp_path):
     assert store.n_tokens == n
     with pytest.raises(DataError, match="token store"):
         TokenStore(tmp_path / "not-a-store")
+    # Pickling (spawned DataLoader workers) reopens the memmap instead of copying it.
+    clone = pickle.loads(pickle.dumps(PackedDataset(store, 16)))
+    assert len(pickle.dumps(store)) < 1000 and torch.equal(clone[3][0], PackedDataset(store, 16)[3][0])
 
 
 class BigVocab:

@@ -144,45 +144,56 @@ def _list_sources(sources: Sequence[str | os.PathLike] | None, extensions: Itera
     return entries
 
 
-def _read_text(path: Path) -> tuple[str, int]:
-    """UTF-8 text of ``path`` and the number of bytes that had to be replaced."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+def _decode(raw: bytes) -> tuple[str, int]:
+    """UTF-8 text and the number of bytes that had to be replaced by U+FFFD."""
     try:
         return raw.decode("utf-8"), 0
     except UnicodeDecodeError:
+        # surrogateescape maps each bad byte to one lone surrogate: count, then replace.
         text = raw.decode("utf-8", errors="surrogateescape")
-        text, n_bad = _ESCAPED_BYTE.subn("\ufffd", text)
-        return text, n_bad
+        return _ESCAPED_BYTE.subn("\ufffd", text)
+
+
+def _read_error(path: Path, e: OSError) -> DataError:
+    return DataError(f"cannot read {path}: {e.strerror or e}")
 
 
 def _iter_entry(entry: _Entry, want: Callable[[str], bool], stats: dict) -> Iterator[Document]:
     if not entry.jsonl:
         if want(entry.name):
-            text, n_bad = _read_text(entry.path)
+            try:
+                raw = entry.path.read_bytes()
+            except OSError as e:
+                raise _read_error(entry.path, e) from None
+            text, n_bad = _decode(raw)
             _count_bad(stats, entry.name, n_bad)
             if text:
                 yield Document(entry.name, text)
         return
-    text, n_bad = _read_text(entry.path)
-    _count_bad(stats, entry.name, n_bad)
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{entry.path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise DataError(f"{where}: expected an object with a string 'text' field")
-        # An explicit id keeps a record's split fixed when lines are inserted above it.
-        key = rec.get("id", lineno)
-        name = f"{entry.name}:{key}"
-        if rec["text"] and want(name):
-            yield Document(name, rec["text"])
+    # JSONL is streamed line by line: one file may be larger than RAM.
+    n_bad_file = 0
+    try:
+        with open(entry.path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line, n_bad = _decode(raw)
+                n_bad_file += n_bad
+                if not line.strip():
+                    continue
+                where = f"{entry.path}:{lineno}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                    raise DataError(f"{where}: expected an object with a string 'text' field")
+                # An explicit id keeps a record's split fixed when lines are inserted above it.
+                name = f"{entry.name}:{rec.get('id', lineno)}"
+                if rec["text"] and want(name):
+                    yield Document(name, rec["text"])
+    except OSError as e:
+        raise _read_error(entry.path, e) from None
+    finally:
+        _count_bad(stats, entry.name, n_bad_file)
 
 
 def _count_bad(stats: dict, name: str, n_bad: int) -> None:
@@ -196,7 +207,8 @@ def _warn_bad(stats: dict) -> None:
     if stats["files"]:
         warnings.warn(
             f"{stats['files']} file(s) were not valid UTF-8 (first: {stats['first']}); "
-            f"{stats['bytes']} byte(s) replaced with U+FFFD", DecodeWarning, stacklevel=3)
+            f"{stats['bytes']} byte(s) replaced with U+FFFD", DecodeWarning,
+            stacklevel=4)  # the caller of iter_documents / build_token_store
 
 
 def _iter_docs(entries: list[_Entry], want: Callable[[str], bool], max_docs: int | None,
@@ -305,6 +317,10 @@ class TokenStore:
 
     def __len__(self) -> int:
         return self.n_tokens
+
+    def __reduce__(self):
+        # Pickle by path (DataLoader workers with spawn): never copy the token array.
+        return (TokenStore, (self.path,))
 
     def __repr__(self) -> str:
         return f"TokenStore({self.path}, docs={self.n_docs}, tokens={self.n_tokens})"
