@@ -206,6 +206,16 @@ class MTPHeads(nn.Module):
         state.last = state.pending[rows, last]  # (B, n-1, d)
         state.pending = None
 
+    def crop(self, state: HeadsDecodeState, lengths: Tensor) -> None:
+        """Shorten head caches after the trunk was cropped to ``lengths`` (B,)."""
+        if self.head_type == "transformer" and self.n_extra:
+            state.caches[0].crop(lengths)
+            state.last = None  # only valid right after an accept
+        elif self.head_type == "sequential":
+            # Depth j's entry at s read token s+j: keep it only if that token is still committed.
+            for j, cache in enumerate(state.caches, start=1):
+                cache.crop(torch.minimum(cache.lengths, (lengths - j).clamp(min=0)))
+
     def draft(self, state: HeadsDecodeState, seq: CommittedSequence, next_tokens: Tensor, num_draft: int,
               pick: DraftPicker, lm_head: nn.Module, embed: nn.Module, rope: RotaryEmbedding) -> tuple[Tensor, Tensor]:
         """Drafts (B, k) and raw logits (B, k, V) of heads 1..k at each row's last committed position."""

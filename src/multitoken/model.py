@@ -150,6 +150,12 @@ class MTPModel(nn.Module):
         self.heads.on_accept(state.heads, keep, counts)
 
     @torch.no_grad()
+    def crop(self, state: NativeDecodeState, lengths: Tensor) -> None:
+        state.cache.crop(lengths)
+        state.seq.lengths = state.cache.lengths.clone()
+        self.heads.crop(state.heads, state.cache.lengths)
+
+    @torch.no_grad()
     def draft(self, state: NativeDecodeState, next_tokens: Tensor, num_draft: int,
               pick: DraftPicker) -> tuple[Tensor, Tensor]:
         if not 0 <= num_draft <= self.cfg.n_future - 1:

@@ -59,6 +59,10 @@ class MTPDecoderModel(Protocol):
         """
         ...
 
+    def crop(self, state: DecodeState, lengths: Tensor) -> None:
+        """Shorten each row to ``lengths[b]`` committed tokens (discarding later ones)."""
+        ...
+
     def draft(self, state: DecodeState, next_tokens: Tensor, num_draft: int,
               pick: DraftPicker) -> tuple[Tensor, Tensor]:
         """Draft ``num_draft`` tokens after ``next_tokens`` from heads 1..num_draft.
