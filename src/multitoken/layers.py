@@ -148,6 +148,23 @@ class KVCache:
         self.lengths = new.clone()
 
 
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of a few new queries over a cache: q (B, H, W, Dh), k/v (B, Hkv, S, Dh),
+    mask (B, 1, W, S) bool -> (B, H, W, Dh).
+
+    Written out rather than through SDPA: for short query blocks over a strided cache view,
+    CPU SDPA kernels were several times slower here. Query heads sharing a key/value head
+    are folded into the query axis, so GQA needs no repeated keys.
+    """
+    batch, n_head, width, head_dim = q.shape
+    group = n_head // k.shape[1]
+    qg = q.reshape(batch, k.shape[1], group * width, head_dim)  # head h reads kv head h // group
+    scores = (qg @ k.transpose(-1, -2)).float() * head_dim ** -0.5  # (B, Hkv, group*W, S)
+    scores = scores.masked_fill(~mask.repeat(1, 1, group, 1), float("-inf"))
+    out = scores.softmax(-1).to(v.dtype) @ v  # (B, Hkv, group*W, Dh)
+    return out.reshape(batch, n_head, width, head_dim)
+
+
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_head: int, n_kv_head: int):
         super().__init__()
@@ -166,12 +183,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if cache is not None:
             k, v = cache.write(layer, k, v, ctx)  # (B, Hkv, S, Dh)
-        gqa = self.n_kv_head != self.n_head
         if ctx.mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
         else:
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=ctx.mask,
-                                                 enable_gqa=gqa)
+            out = masked_attention(q, k.to(q.dtype), v.to(q.dtype), ctx.mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, width, -1))  # (B, W, d)
 
 
