@@ -125,6 +125,9 @@ class KVCache:
     def commit(self, keep: Tensor | None, counts: Tensor) -> None:
         """Keep pending entries keep[b, :counts[b]] (ascending block offsets) of the last pass.
 
+        Columns of ``keep`` past counts[b] must still be valid offsets (pad with 0): they are
+        moved too, into slots past the row's new length, which no mask exposes.
+
         keep=None means a prefix (offsets 0..counts[b]-1): nothing moves. Otherwise the kept
         entries move to slots lengths[b] + 0, 1, ...; since offsets ascend, every destination
         is at or before its source, so one gather-then-scatter is safe.
@@ -136,7 +139,7 @@ class KVCache:
             src = self.lengths[:, None] + keep
             dst = self.lengths[:, None] + torch.arange(m, device=keep.device)[None, :]
             for buf in (self.k, self.v):
-                moved = buf[:, rows, :, src]  # (L, B, M, Hkv, Dh)
+                moved = buf[:, rows, :, src]  # (B, M, L, Hkv, Dh): advanced indices first
                 buf[:, rows, :, dst] = moved
         self.lengths = self.lengths + counts
 
