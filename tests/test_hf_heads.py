@@ -1,0 +1,87 @@
+"""MTP heads on a tiny random Hugging Face Llama: protocol exactness, identity with base.generate."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from multitoken.generate import generate  # noqa: E402
+from multitoken.hf_heads import HeadsMismatchError, MTPHeadsForCausalLM  # noqa: E402
+
+
+def tiny_llama(seed=0, vocab=64):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def wrapped(base, head_type, n_future=4, std=0.3):
+    model = MTPHeadsForCausalLM(base, n_future, head_type)
+    for p in model.heads.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=std)
+    return model
+
+
+@pytest.mark.parametrize("head_type", ["residual", "linear", "sequential"])
+def test_greedy_modes_equal_base_generate(head_type):
+    base = tiny_llama(vocab=16)  # a small vocabulary, so drafts are sometimes accepted
+    model = wrapped(base, head_type)
+    accepted = 0
+    for seed in range(3):
+        prompt = torch.randint(0, 16, (1, 5 + seed), generator=torch.Generator().manual_seed(seed))
+        ref = base.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, prompt.shape[1]:].tolist()
+        for mode in ("ar", "spec", "tree"):
+            out = generate(model, prompt, 24, mode=mode)
+            assert out.tokens[0] == ref, (mode, seed)
+            accepted += sum(out.stats.accepted_histogram[1:])
+    assert accepted > 0
+
+
+@pytest.mark.parametrize("head_type", ["residual", "sequential"])
+def test_draft_logits_equal_teacher_forced_heads(head_type):
+    model = wrapped(tiny_llama(), head_type)
+    seq = torch.randint(0, 64, (1, 24))
+    with torch.no_grad():
+        full = model(seq)  # (1, T, 4, V)
+    state = model.new_state(1, 48)
+    torch.testing.assert_close(model.verify(state, seq[:, :9]), full[:, :9, 0], atol=1e-5, rtol=1e-4)
+    model.accept(state, None, torch.tensor([9]))
+    for length, accept in ((9, 2), (11, 4)):
+        _, logits = model.draft(state, seq[:, length], 3, lambda lg, j: seq[:, length + 1 + j])
+        torch.testing.assert_close(logits[0], full[0, length - 1, 1:], atol=1e-5, rtol=1e-4)
+        model.verify(state, seq[:, length:length + 4])
+        model.accept(state, None, torch.tensor([accept]))
+
+
+def test_sampling_path_runs():
+    model = wrapped(tiny_llama(), "residual")
+    out = generate(model, torch.tensor([[1, 2, 3]]), 12, mode="spec", temperature=0.8, top_p=0.9, seed=0)
+    assert len(out.tokens[0]) == 12
+
+
+def test_heads_save_load_round_trip_and_mismatch(tmp_path):
+    base = tiny_llama()
+    model = wrapped(base, "sequential")
+    model.identity = {"name": "tiny", "fingerprint": "abc"}
+    model.save_heads(tmp_path / "heads")
+    assert (tmp_path / "heads" / "heads.safetensors").stat().st_size < 2_000_000
+    loaded = MTPHeadsForCausalLM.from_heads(base, tmp_path / "heads", {"fingerprint": "abc"})
+    seq = torch.randint(0, 64, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(seq), model(seq))
+    with pytest.raises(HeadsMismatchError, match="fingerprint"):
+        MTPHeadsForCausalLM.from_heads(base, tmp_path / "heads", {"fingerprint": "other"})
+    with pytest.raises(HeadsMismatchError, match="vocab_size"):
+        MTPHeadsForCausalLM.from_heads(tiny_llama(vocab=80), tmp_path / "heads")
+    with pytest.raises(FileNotFoundError, match="heads directory"):
+        MTPHeadsForCausalLM.from_heads(base, tmp_path)
+
+
+def test_batch_above_one_and_bad_head_type_are_refused():
+    model = wrapped(tiny_llama(), "residual")
+    with pytest.raises(ValueError, match="batch size 1"):
+        generate(model, torch.tensor([[1, 2], [3, 4]]), 4)
+    with pytest.raises(ValueError, match="head_type"):
+        MTPHeadsForCausalLM(tiny_llama(), 3, "transformer")
