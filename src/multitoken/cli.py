@@ -114,8 +114,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     mem = bsub.add_parser("memory", help="peak memory and time of one training step: naive vs memory-efficient MTP backward",
                           description="One training step (forward + backward, no optimizer) per setting, naive vs "
-                                      "memory-efficient MTP backward (with and without CE chunking), each in a fresh "
-                                      "process: peak memory, median step time, max |grad difference|.")
+                                      "memory-efficient MTP backward (with and without CE chunking), in one fresh "
+                                      "process per n_future with the methods interleaved: peak memory, median step "
+                                      "time, max |grad difference|.")
     mem.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size (large, so logits dominate)")
     mem.add_argument("--d-model", type=int, default=128, help="model width")
     mem.add_argument("--n-layer", type=int, default=2, help="trunk layers")
@@ -128,7 +129,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     mem.set_defaults(func=cmd_bench_memory)
     train = bsub.add_parser("train", help="training-step time, tokens/s, peak memory: next-token vs MTP per head type",
                             description="Full training steps (AdamW) of next-token training and of MTP with each head "
-                                        "type and n_future on one config, each setting in a fresh process.")
+                                        "type and n_future on one config, interleaved in one fresh process.")
     train.add_argument("--vocab-size", type=int, default=257, help="vocabulary size (257 = the byte-level tokenizer)")
     train.add_argument("--d-model", type=int, default=256, help="model width")
     train.add_argument("--n-layer", type=int, default=4, help="trunk layers")
@@ -200,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multitoken", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_bench(sub)
+    add_analyze(sub)
+    add_report(sub)
     add_analyze(sub)
     add_report(sub)
     return parser
