@@ -203,8 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench(sub)
     add_analyze(sub)
     add_report(sub)
-    add_analyze(sub)
-    add_report(sub)
     return parser
 
 
