@@ -81,7 +81,8 @@ class MTPLoss(nn.Module):
         """logits (B, T, n_future, V), tokens (B, T) -> dict of loss terms (see class doc)."""
         if logits.shape[2] != self.n_future:
             raise ValueError(f"logits have {logits.shape[2]} heads, loss expects n_future={self.n_future}")
-        stats = [self.head_statistics(logits[:, :, i], t) for i, t in enumerate(self.targets(tokens, doc_ids))]
+        # unbind, not logits[:, :, i]: indexing makes every head's backward allocate a zeroed (B, T, n, V)
+        stats = [self.head_statistics(lg, t) for lg, t in zip(logits.unbind(2), self.targets(tokens, doc_ids))]
         ce, n, c = (torch.stack(x) for x in zip(*stats))
         return self.combine(ce, n, c)
 
@@ -118,10 +119,10 @@ def mtp_backward(model, loss_fn: MTPLoss, tokens: Tensor, doc_ids: Tensor | None
         for start in range(0, tokens.shape[1], chunk):
             logits = model.head_logits(i, g_leaf[:, start:start + chunk])  # (B, chunk, V)
             ce, _, right = loss_fn.head_statistics(logits, target[:, start:start + chunk])
+            del logits  # autograd keeps what CE needs; our reference would be one more (B, chunk, V) at peak
             if ce.requires_grad:
                 (ce * weight).backward()
             ce_total, correct_total = ce_total + ce.detach(), correct_total + right
-            del logits
         ce_sums.append(ce_total)
         correct.append(correct_total)
         detached.append((g, g_leaf))
