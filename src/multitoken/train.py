@@ -1,0 +1,948 @@
+"""Training: ``TrainConfig`` (presets, files, overrides) and ``MTPTrainer``.
+
+One optimizer step (``MTPTrainer.train_step``) runs ``grad_accum`` micro-batches through the
+memory-efficient MTP backward (``loss.mtp_backward``: trunk once, heads one at a time), clips
+the gradient norm and steps AdamW and the warmup + cosine schedule. ``fit`` loops over steps
+whose data is a pure function of the step number (``data.batch_indices``), so a checkpoint needs
+only the step to resume exactly; it logs to ``metrics.jsonl`` (and TensorBoard when installed),
+validates every ``eval_every`` steps and checkpoints atomically every ``checkpoint_every``.
+
+Distributed training is not done here: the trainer keeps ``rank``/``world_size`` (plumbed into
+the data order) and calls the model through ``self.train_model``, which a wrapper (DDP, FSDP)
+can replace while ``self.model`` stays the plain module that checkpoints save.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    find_checkpoint,
+    load_checkpoint_tokenizer,
+    load_model_config,
+    load_trainer_state,
+    load_weights,
+    read_train_config,
+    save_checkpoint,
+    WEIGHTS,
+)
+from .config import MTPConfig
+from .loss import WEIGHTINGS, MTPLoss, mtp_backward, naive_backward
+from .model import MTPModel
+from .tokenizer import Tokenizer, make_tokenizer
+
+METRICS = "metrics.jsonl"
+TOKENIZERS = ("byte", "bpe")
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+DTYPES = ("auto", "float32", "bfloat16")
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(MTPConfig))
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; training stopped (CLI exit code 2)."""
+
+
+# =========================================================================== config
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Files (YAML/JSON) are its serialised form."""
+
+    # --- model
+    model: dict = field(default_factory=dict)  # MTPConfig fields; vocab_size comes from the tokenizer,
+    #                                             max_seq_len defaults to seq_len
+    # --- loss
+    weighting: str = "deepseek"  # MTPLoss preset: tutorial | uniform | deepseek
+    aux_weight: float | None = None  # λ scaling heads 1..n-1; None = the weighting's default
+    head_weights: list[float] | None = None  # per-head weights (n_future floats); None = the weighting's
+    memory_efficient: bool = True  # True: mtp_backward (logits of one head at a time); False: naive_backward
+    ce_chunk: int | None = None  # compute each head's CE over chunks of this many positions (memory_efficient)
+    # --- optimiser and schedule
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr: float | None = None  # cosine floor reached at the last step; None = lr / 10
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay, applied to 2-D weights only (not norms/biases)
+    warmup_steps: int = 100  # linear warmup from 0 to lr over this many optimizer steps
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    # --- batch and length
+    micro_batch_size: int = 8  # sequences per forward/backward (per rank)
+    grad_accum: int = 1  # micro-batches accumulated into one optimizer step
+    seq_len: int = 256  # tokens per training sequence
+    max_steps: int | None = 1000  # optimizer steps to train; exactly one of max_steps / max_tokens is set
+    max_tokens: int | None = None  # or: train until this many tokens (steps = ceil(tokens / tokens per step))
+    # --- evaluation, logging, checkpoints
+    eval_every: int = 100  # validate every this many steps (and at the end); 0 = only at the end
+    eval_batches: int = 8  # micro-batches of validation data per evaluation
+    log_every: int = 10  # write a metrics.jsonl row every this many steps (and at the end)
+    checkpoint_every: int = 200  # checkpoint every this many steps (and at the end); 0 = only at the end
+    tensorboard: bool = True  # also log to out/tensorboard when the tensorboard package is installed
+    # --- runtime
+    seed: int = 0  # seeds model init and the data order
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on GPUs that support it, else float32) | float32 | bfloat16
+    compile: bool = False  # torch.compile the model's training functions
+    num_threads: int | None = None  # CPU threads per op (torch.set_num_threads); None = torch's default.
+    #                                 On a busy machine 1 thread can beat oversubscribed OpenMP threads.
+    # --- data and tokenizer
+    tokenizer: str = "byte"  # byte (257 ids, nothing to train) | bpe (trained on the training split)
+    bpe_vocab_size: int = 4096  # requested BPE vocabulary (tokenizer == "bpe")
+    data: list[str] | None = None  # files, folders, JSONL; None = the Python standard library sources
+    val_fraction: float = 0.05  # fraction of documents (by path hash) held out for validation; 0 = none
+    max_docs: int | None = None  # use at most this many documents per split (smoke tests)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, dict):
+            _fail("model", self.model, "a mapping of MTPConfig fields")
+        unknown = sorted(set(self.model) - set(_MODEL_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown config key 'model.{unknown[0]}'; allowed: "
+                             f"{', '.join('model.' + f for f in _MODEL_FIELDS)}")
+        _choice("weighting", self.weighting, WEIGHTINGS)
+        _opt(self, "aux_weight", _number, 0.0)
+        if self.head_weights is not None:
+            if (not isinstance(self.head_weights, (list, tuple))
+                    or not all(_is_number(w) and w >= 0 for w in self.head_weights)):
+                _fail("head_weights", self.head_weights, "null or a list of n_future numbers >= 0")
+            self.head_weights = [float(w) for w in self.head_weights]
+        _bool("memory_efficient", self.memory_efficient)
+        _opt(self, "ce_chunk", _int, 1)
+        if self.ce_chunk is not None and not self.memory_efficient:
+            _fail("ce_chunk", self.ce_chunk, "null when memory_efficient is false")
+        self.lr = _number("lr", self.lr, 0.0, strict=True)
+        _opt(self, "min_lr", _number, 0.0)
+        if self.min_lr is not None and self.min_lr > self.lr:
+            _fail("min_lr", self.min_lr, f"<= lr={self.lr}")
+        if (not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2
+                or not all(_is_number(b) and 0 <= b < 1 for b in self.betas)):
+            _fail("betas", self.betas, "two numbers in [0, 1)")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        self.eps = _number("eps", self.eps, 0.0, strict=True)
+        self.weight_decay = _number("weight_decay", self.weight_decay, 0.0)
+        _int("warmup_steps", self.warmup_steps, 0)
+        self.grad_clip = _number("grad_clip", self.grad_clip, 0.0)
+        _int("micro_batch_size", self.micro_batch_size, 1)
+        _int("grad_accum", self.grad_accum, 1)
+        _int("seq_len", self.seq_len, 1)
+        _opt(self, "max_steps", _int, 1)
+        _opt(self, "max_tokens", _int, 1)
+        if (self.max_steps is None) == (self.max_tokens is None):
+            _fail("max_steps", self.max_steps, "exactly one of max_steps / max_tokens set (the other null)")
+        _int("eval_every", self.eval_every, 0)
+        _int("eval_batches", self.eval_batches, 1)
+        _int("log_every", self.log_every, 1)
+        _int("checkpoint_every", self.checkpoint_every, 0)
+        _bool("tensorboard", self.tensorboard)
+        _int("seed", self.seed, 0)
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            _fail("device", self.device, DEVICES)
+        _choice("dtype", self.dtype, DTYPES)
+        _bool("compile", self.compile)
+        _opt(self, "num_threads", _int, 1)
+        _choice("tokenizer", self.tokenizer, TOKENIZERS)
+        _int("bpe_vocab_size", self.bpe_vocab_size, 257)
+        if self.data is not None:
+            if isinstance(self.data, (str, os.PathLike)):
+                self.data = [self.data]
+            if not isinstance(self.data, (list, tuple)) or not self.data:
+                _fail("data", self.data, "null (the stdlib) or a non-empty list of paths")
+            self.data = [str(p) for p in self.data]
+        self.val_fraction = _number("val_fraction", self.val_fraction, 0.0)
+        if self.val_fraction >= 1:
+            _fail("val_fraction", self.val_fraction, "a number in [0, 1)")
+        _opt(self, "max_docs", _int, 1)
+        # Validate the model fields now (a placeholder vocab: the tokenizer decides the real one).
+        self.model_config(self.model.get("vocab_size", 257))
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        return self.micro_batch_size * self.grad_accum * self.seq_len * world_size
+
+    def total_steps(self, world_size: int = 1) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return -(-self.max_tokens // self.tokens_per_step(world_size))
+
+    def model_config(self, vocab_size: int) -> MTPConfig:
+        """The MTPConfig for a tokenizer with ``vocab_size`` ids."""
+        fields = dict(self.model)
+        if fields.get("vocab_size", vocab_size) != vocab_size:
+            raise ValueError(f"invalid config: model.vocab_size={fields['vocab_size']} does not match the "
+                             f"tokenizer's vocab_size {vocab_size}; leave model.vocab_size unset")
+        fields["vocab_size"] = vocab_size
+        fields.setdefault("max_seq_len", self.seq_len)
+        cfg = MTPConfig(**fields)
+        if cfg.max_seq_len < self.seq_len:
+            _fail("model.max_seq_len", cfg.max_seq_len, f">= seq_len={self.seq_len}")
+        return cfg
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in known:
+                raise ValueError(f"unknown config key {key!r} in {source}; allowed: {', '.join(known)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"invalid config: {name}={value!r}; allowed: {allowed}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _number(name: str, v: Any, lo: float, strict: bool = False) -> float:
+    if not _is_number(v) or v < lo or (strict and v == lo):
+        _fail(name, v, f"a number {'>' if strict else '>='} {lo:g}")
+    return float(v)
+
+
+def _int(name: str, v: Any, lo: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        _fail(name, v, f"an integer >= {lo}")
+    return v
+
+
+def _bool(name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        _fail(name, v, "true or false")
+
+
+def _choice(name: str, v: Any, allowed: Sequence[str]) -> None:
+    if v not in allowed:
+        _fail(name, v, ", ".join(allowed))
+
+
+def _opt(cfg: TrainConfig, name: str, check, lo) -> None:
+    """Validate an optional field: None, or what ``check`` accepts."""
+    v = getattr(cfg, name)
+    if v is not None:
+        setattr(cfg, name, check(name, v, lo))
+
+
+# Three presets, as override dicts over the TrainConfig defaults.
+PRESETS: dict[str, dict] = {
+    # Unit tests and smoke runs: a few seconds on a laptop CPU.
+    "tiny": dict(
+        model=dict(d_model=64, n_layer=2, n_head=4, n_future=4, head_type="residual"),
+        lr=3e-3, warmup_steps=2, micro_batch_size=4, seq_len=64, max_steps=20,
+        eval_every=10, eval_batches=2, log_every=1, checkpoint_every=10,
+    ),
+    # The demo: a byte-level model of Python source trained in ~4 minutes on a 2-core CPU.
+    # Measured on the 2-core dev box (150-step runs, validation CE of head 0 / heads 1-3):
+    #   n_future=1 (plain LM)                          2.18
+    #   residual, shared unembedding, uniform          2.87 / 2.96 3.03 3.07
+    #   residual, shared unembedding, deepseek 0.3     2.60 / 2.94 3.07 3.15
+    #   residual, own unembeddings,   deepseek 0.3     2.27 / 2.77 2.91 3.00   <- this preset
+    # (uniform weighting and a shared unembedding both slow the trunk down this early in
+    # training). At equal wall time d_model=128 (~3.5k tok/s, 400 steps) beat d_model=256
+    # (~2.1k tok/s, 220 steps). One thread: on a busy machine two OpenMP threads ran up to
+    # 10x slower than one (--set num_threads=null restores torch's default).
+    "small": dict(
+        model=dict(d_model=128, n_layer=4, n_head=4, n_future=4, head_type="residual", share_embeddings=False),
+        weighting="deepseek", aux_weight=0.3,
+        lr=4e-3, warmup_steps=30, micro_batch_size=8, seq_len=256, max_steps=400,
+        eval_every=100, eval_batches=8, log_every=10, checkpoint_every=100, num_threads=1,
+    ),
+    # A GPU run: ~85M parameters, BPE, bf16 autocast, compiled; ~200M tokens.
+    "base": dict(
+        model=dict(d_model=768, n_layer=12, n_head=12, n_kv_head=4, n_future=4, head_type="residual"),
+        tokenizer="bpe", bpe_vocab_size=16384, weighting="deepseek",
+        lr=1e-3, warmup_steps=500, micro_batch_size=32, grad_accum=4, seq_len=1024,
+        max_steps=None, max_tokens=200_000_000, eval_every=500, eval_batches=20, log_every=10,
+        checkpoint_every=500, compile=True,
+    ),
+}
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Read a YAML or JSON config file into a dict (no validation yet)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read config file {p}: {e}") from None
+    try:
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"config file {p} is not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: "
+                         f"{first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def parse_set(items: Iterable[str]) -> dict:
+    """``["lr=1e-3", "model.d_model=128"]`` -> nested override dict (values parsed as YAML)."""
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "model"):
+            raise ValueError(f"unknown config key {key!r} in --set (only model.<field> may be dotted)")
+        if len(parts) == 2:
+            out.setdefault("model", {})[parts[1]] = value
+        else:
+            out[key] = value
+    return out
+
+
+def merge_config(*layers: dict | None) -> dict:
+    """Later layers override earlier ones; the nested ``model`` dict is merged field by field."""
+    out: dict = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if key == "model" and isinstance(value, dict) and isinstance(out.get("model"), dict):
+                out["model"] = {**out["model"], **value}
+            else:
+                out[key] = value
+    return out
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return json.loads(json.dumps(PRESETS[name]))  # a deep copy
+
+
+def _check_keys(layer: dict, source: str) -> None:
+    """Unknown keys are reported with the file (or flag) they came from."""
+    if not isinstance(layer, dict):
+        raise ValueError(f"{source}: expected a mapping of config keys, got {type(layer).__name__}")
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in layer:
+        if key not in known:
+            raise ValueError(f"unknown config key {key!r} in {source}; allowed: {', '.join(known)}")
+    if isinstance(layer.get("model"), dict):
+        for key in layer["model"]:
+            if key not in _MODEL_FIELDS:
+                raise ValueError(f"unknown config key 'model.{key}' in {source}; allowed: "
+                                 f"{', '.join('model.' + f for f in _MODEL_FIELDS)}")
+
+
+def build_config(preset_name: str | None = None, config_file: str | os.PathLike | None = None,
+                 overrides: dict | None = None, base: dict | None = None) -> TrainConfig:
+    """base (a resumed run's config) < preset < config file < overrides (flags, --set)."""
+    layers = []
+    if base is not None:
+        layers.append((base, "the run's train_config.json"))
+    if preset_name:
+        layers.append((preset(preset_name), f"preset {preset_name!r}"))
+    if config_file is not None:
+        layers.append((load_config_file(config_file), str(config_file)))
+    if overrides:
+        layers.append((overrides, "the command-line overrides"))
+    for layer, source in layers:
+        _check_keys(layer, source)
+    return TrainConfig.from_dict(merge_config(*(layer for layer, _ in layers)))
+
+
+# =========================================================================== helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; use --device cpu or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name!r} but MPS is not available; use --device cpu or auto")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Autocast dtype. ``auto`` = bf16 on a GPU that supports it; float32 on CPU (where bf16
+    matmuls are slower than float32 without AMX)."""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("dtype='bfloat16' is not supported by this GPU; use --dtype float32")
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def lr_factor(step: int, warmup: int, total: int, final_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup, then
+    cosine decay to ``final_ratio`` at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup - 1)
+    progress = min(1.0, (step - warmup) / span)
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on 2-D weights (matrices, embeddings) only; norms and biases are exempt."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # unique parameters, deterministic order
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_tokenizer(config: TrainConfig, progress: bool = False) -> Tokenizer:
+    if config.tokenizer == "byte":
+        return make_tokenizer("byte")
+    from .data import iter_documents, split_of
+
+    # Train the BPE on the training split only: validation text stays unseen.
+    texts = (d.text for d in iter_documents(config.data, max_docs=config.max_docs)
+             if config.val_fraction == 0 or split_of(d.name, config.val_fraction) == "train")
+    return make_tokenizer("bpe", texts, config.bpe_vocab_size, show_progress=progress)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        # numpy arrays are not weights_only-loadable: store the MT19937 key as a tensor.
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state.get("python")
+    if py:
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state.get("numpy")
+    if npst:
+        np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), int(npst[2]), int(npst[3]), npst[4]))
+
+
+def _floats(x: Tensor) -> list[float]:
+    return [float(v) for v in x.detach().float().cpu()]
+
+
+def format_head_table(ev: dict) -> str:
+    """A small text table of per-head validation loss / top-1 accuracy."""
+    lines = ["head  predicts  val loss  val acc", "----  --------  --------  -------"]
+    for i, (loss, acc) in enumerate(zip(ev["head_losses"], ev["head_accuracy"])):
+        lines.append(f"{i:>4}  {'t+' + str(i + 1):>8}  {loss:8.4f}  {acc:7.1%}")
+    lines.append(f"next-token perplexity {ev['perplexity']:.3f} (step {ev['step']}, {ev['tokens']} tokens)")
+    return "\n".join(lines)
+
+
+# =========================================================================== trainer
+
+
+class _CompiledModel:
+    """The functions the backward helpers call, compiled; parameters stay the model's."""
+
+    def __init__(self, model: MTPModel):
+        self.head_hiddens = torch.compile(model.head_hiddens)
+        self.head_logits = torch.compile(model.head_logits)
+        self._forward = torch.compile(model)
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        return self._forward(tokens)
+
+
+Batch = Any  # (tokens, doc_ids) | {"input_ids": ..., "doc_ids": ...} | tokens | a list of those
+
+
+class MTPTrainer:
+    """Trains an :class:`MTPModel` with an MTP objective.
+
+    Build one from a config with :meth:`from_config` (tokenizer, corpus, model, resume), or
+    directly from a model and packed datasets. ``train_step`` is one optimizer step,
+    ``evaluate`` one validation pass, ``fit`` the whole run.
+    """
+
+    def __init__(self, model: MTPModel, config: TrainConfig, train_data=None, val_data=None,
+                 tokenizer: Tokenizer | None = None, out_dir: str | os.PathLike | None = None, *,
+                 rank: int = 0, world_size: int = 1, progress: bool = True):
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.device = resolve_device(config.device)
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.amp_dtype = resolve_dtype(config.dtype, self.device)
+        self.model = model.to(self.device)
+        # What train_step calls. A distributed wrapper replaces this; checkpoints save self.model.
+        self.train_model = _CompiledModel(self.model) if config.compile else self.model
+        self.loss_fn = MTPLoss(model.cfg.n_future, config.weighting, config.aux_weight, config.head_weights)
+        self.tokenizer = tokenizer
+        self.train_data, self.val_data = train_data, val_data
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = progress and rank == 0
+        self.total_steps = config.total_steps(world_size)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=config.lr,
+                                           betas=config.betas, eps=config.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
+            lr_factor, warmup=config.warmup_steps, total=self.total_steps, final_ratio=config.final_lr / config.lr))
+        self.step = 0  # optimizer steps done; also the data position
+        self.tokens_seen = 0  # tokens consumed by those steps, all ranks together
+        self.last_eval: dict | None = None
+        self.last_checkpoint: Path | None = None
+        self._backward = (functools.partial(mtp_backward, chunk_size=config.ce_chunk)
+                          if config.memory_efficient else naive_backward)
+        self._stop_signal: int | None = None
+        self._tb = None
+        self.parallel = None  # a data-parallel wrapper (distributed training), when there is one
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
+                    progress: bool = True, rank: int = 0, world_size: int = 1,
+                    parallel: str | None = None) -> "MTPTrainer":
+        """Tokenizer + corpus + model for ``config``; with ``resume`` restore the checkpoint in
+        ``out_dir``. Nothing is written to ``out_dir`` here (bad input leaves it untouched).
+
+        ``parallel`` (ddp | fsdp) is the hook for data-parallel training, not wired in yet."""
+        from .data import PackedDataset, build_token_store
+
+        if parallel is not None:
+            raise ValueError(f"parallel={parallel!r}: data-parallel training is not wired into the trainer yet")
+        out_dir = Path(out_dir)
+        ckpt = find_checkpoint(out_dir)
+        if resume:
+            if ckpt is None:
+                raise CheckpointNotFoundError(f"nothing to resume: no checkpoint in {out_dir}")
+            saved = read_train_config(ckpt)
+            tokenizer = load_checkpoint_tokenizer(ckpt)
+            check_resume_compatible(saved, config, ckpt)
+        else:
+            if ckpt is not None:
+                raise CheckpointError(f"{out_dir} already holds a checkpoint; pass --resume to continue it "
+                                      "or choose another --out")
+            tokenizer = build_tokenizer(config, progress)
+        model_cfg = config.model_config(tokenizer.vocab_size)
+        if resume:
+            saved_cfg = load_model_config(ckpt)
+            diffs = [f"{k}: checkpoint {v!r}, config {getattr(model_cfg, k)!r}"
+                     for k, v in saved_cfg.to_dict().items() if getattr(model_cfg, k) != v]
+            if diffs:
+                raise CheckpointError(f"cannot resume {ckpt}: the model config differs ({'; '.join(diffs)})")
+        kw = dict(val_fraction=config.val_fraction, progress=progress, max_docs=config.max_docs)
+        train = PackedDataset(build_token_store(config.data, tokenizer, "train", **kw), config.seq_len)
+        val = None
+        if config.val_fraction > 0:
+            val = PackedDataset(build_token_store(config.data, tokenizer, "val", **kw), config.seq_len)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
+        model = MTPModel(model_cfg)
+        trainer = cls(model, config, train, val, tokenizer, out_dir, rank=rank, world_size=world_size,
+                      progress=progress)
+        trainer._check_data()
+        if resume:
+            trainer.load_checkpoint(ckpt)
+        return trainer
+
+    def _check_data(self) -> None:
+        from .data import DataError, steps_per_epoch
+
+        if self.train_data is not None and steps_per_epoch(len(self.train_data), self.config.micro_batch_size,
+                                                           self.world_size) == 0:
+            raise DataError(f"the training split has {len(self.train_data)} sequences of seq_len="
+                            f"{self.config.seq_len}, fewer than one batch of {self.config.micro_batch_size}"
+                            f"{f' x {self.world_size} ranks' if self.world_size > 1 else ''}; "
+                            "add data or lower --batch-size / --seq-len")
+        if self.val_data is not None and len(self.val_data) < self.world_size:
+            raise DataError(f"the validation split has {len(self.val_data)} sequences of seq_len="
+                            f"{self.config.seq_len}; add data, raise val_fraction, lower --seq-len, "
+                            "or set val_fraction=0")
+
+    # ------------------------------------------------------------------ one step
+    def prepare_multi_targets(self, tokens: Tensor, doc_ids: Tensor | None = None) -> list[Tensor]:
+        """Per-head targets [(B, T)] * n_future: head i gets token t+i+1, -100 past the end of
+        the sequence or of the document (delegates to ``MTPLoss.targets`` / ``shift_targets``)."""
+        return self.loss_fn.targets(tokens, doc_ids)
+
+    def _autocast(self):
+        if self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @staticmethod
+    def _micro_batches(batch: Batch) -> list[tuple[Tensor, Tensor | None]]:
+        def one(b):
+            if isinstance(b, dict):
+                return b["input_ids"], b.get("doc_ids")
+            if isinstance(b, Tensor):
+                return b, None
+            tokens, doc_ids = b
+            return tokens, doc_ids
+
+        if isinstance(batch, list):
+            return [one(b) for b in batch]
+        return [one(batch)]
+
+    def train_step(self, batch: Batch) -> dict[str, Any]:
+        """One optimizer step over ``batch``: a (tokens (B, T), doc_ids (B, T) | None) pair,
+        a dict with ``input_ids`` (+ ``doc_ids``), or a list of those (micro-batches whose
+        gradients are accumulated). Returns the step's metrics as Python numbers.
+
+        Raises :class:`TrainingDiverged` (before touching the weights) on a NaN/inf loss or
+        gradient norm."""
+        micro = self._micro_batches(batch)
+        self.model.train()
+        lr = self.optimizer.param_groups[0]["lr"]
+        totals: dict[str, Tensor] = {}
+        n_tokens = 0
+        for tokens, doc_ids in micro:
+            tokens = tokens.to(self.device, non_blocking=True)
+            doc_ids = doc_ids.to(self.device, non_blocking=True) if doc_ids is not None else None
+            n_tokens += tokens.numel()
+            with self._autocast():
+                out = self._backward(self.train_model, self.loss_fn, tokens, doc_ids, scale=1.0 / len(micro))
+            for k in ("loss", "primary", "auxiliary", "head_losses", "head_accuracy"):
+                totals[k] = totals.get(k, 0) + out[k].detach().float() / len(micro)
+        loss = float(totals["loss"])
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"loss is {loss} at step {self.step + 1}")
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"gradient norm is {grad_norm} at step {self.step + 1}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += n_tokens * self.world_size
+        return {
+            "step": self.step, "tokens": self.tokens_seen, "lr": lr, "loss": loss,
+            "primary": float(totals["primary"]), "auxiliary": float(totals["auxiliary"]),
+            "head_losses": _floats(totals["head_losses"]), "head_accuracy": _floats(totals["head_accuracy"]),
+            "grad_norm": grad_norm,
+        }
+
+    def batch_for_step(self, step: int) -> list[tuple[Tensor, Tensor]]:
+        """The micro-batches of optimizer step ``step`` for this rank: a pure function of the step."""
+        from .data import batch_indices, get_batch
+
+        n = len(self.train_data)
+        b = self.config.micro_batch_size
+        return [get_batch(self.train_data, batch_indices(n, step * self.config.grad_accum + j, b,
+                                                         self.config.seed, self.rank, self.world_size))
+                for j in range(self.config.grad_accum)]
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> dict[str, Any] | None:
+        """Per-head validation loss and top-1 accuracy, and next-token perplexity, over a fixed
+        set of validation sequences (the same ones every time). None without validation data."""
+        from .data import batch_indices, get_batch
+
+        if self.val_data is None:
+            return None
+        n = len(self.val_data)
+        b = max(1, min(self.config.micro_batch_size, n // self.world_size))
+        n_batches = min(max_batches or self.config.eval_batches, max(1, n // (b * self.world_size)))
+        nf = self.model.cfg.n_future
+        ce = torch.zeros(nf, dtype=torch.float64)
+        count = torch.zeros(nf, dtype=torch.long)
+        correct = torch.zeros(nf, dtype=torch.long)
+        was_training = self.model.training
+        self.model.eval()
+        for j in range(n_batches):
+            # Seed 0 and its own index sequence: the validation set does not depend on the run's seed.
+            tokens, doc_ids = get_batch(self.val_data, batch_indices(n, j, b, 0, self.rank, self.world_size))
+            tokens, doc_ids = tokens.to(self.device), doc_ids.to(self.device)
+            with self._autocast():
+                hiddens = self.model.head_hiddens(tokens)
+                for i, (g, target) in enumerate(zip(hiddens, self.prepare_multi_targets(tokens, doc_ids))):
+                    s, c, r = self.loss_fn.head_statistics(self.model.head_logits(i, g), target)
+                    ce[i] += s.double().cpu()
+                    count[i] += c.cpu()
+                    correct[i] += r.cpu()
+        self.model.train(was_training)
+        # (A distributed wrapper all-reduces ce / count / correct here.)
+        out = self.loss_fn.combine(ce, count, correct)
+        return {
+            "split": "val", "step": self.step, "tokens": self.tokens_seen,
+            "loss": float(out["loss"]), "primary": float(out["primary"]), "auxiliary": float(out["auxiliary"]),
+            "head_losses": _floats(out["head_losses"]), "head_accuracy": _floats(out["head_accuracy"]),
+            "perplexity": math.exp(min(float(out["primary"]), 700.0)), "val_tokens": int(count[0]),
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights: loadable with ``torch.load(weights_only=True)``."""
+        return {
+            "step": self.step, "tokens_seen": self.tokens_seen,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            # The data position is the step (data.batch_indices is a pure function of it).
+            "data": {"step": self.step, "seed": self.config.seed, "world_size": self.world_size},
+        }
+
+    def save_checkpoint(self) -> Path:
+        if self.out_dir is None or self.tokenizer is None:
+            raise ValueError("save_checkpoint needs out_dir and tokenizer")
+        self.last_checkpoint = save_checkpoint(
+            self.out_dir, self.model, self.tokenizer, train_config=self.config.to_dict(),
+            trainer_state=self.state_dict(), eval_metrics=self.last_eval)
+        return self.last_checkpoint
+
+    def load_checkpoint(self, ckpt: str | os.PathLike) -> None:
+        """Restore weights, optimizer, scheduler, step, RNG from a checkpoint directory."""
+        ckpt = Path(ckpt)
+        state = load_trainer_state(ckpt)
+        load_weights(self.model, ckpt / WEIGHTS)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"optimizer state in {ckpt} does not match the model: {e}") from None
+        # The schedule follows the current config (max_steps may have been raised to train longer).
+        self.scheduler.lr_lambdas = [functools.partial(
+            lr_factor, warmup=self.config.warmup_steps, total=self.total_steps,
+            final_ratio=self.config.final_lr / self.config.lr)] * len(self.optimizer.param_groups)
+        self.scheduler.base_lrs = [self.config.lr] * len(self.optimizer.param_groups)
+        for g in self.optimizer.param_groups:
+            g["initial_lr"] = self.config.lr
+            g["lr"] = self.config.lr * lr_factor(int(state["step"]), self.config.warmup_steps, self.total_steps,
+                                                 self.config.final_lr / self.config.lr)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        _set_rng_state(state["rng"])
+        self.last_checkpoint = ckpt
+
+    # ------------------------------------------------------------------ the loop
+    @property
+    def metrics_path(self) -> Path | None:
+        return self.out_dir / METRICS if self.out_dir is not None else None
+
+    def _log(self, row: dict) -> None:
+        if self.rank != 0:
+            return
+        if self.metrics_path is not None:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            prefix = "val" if row.get("split") == "val" else "train"
+            for k in ("loss", "primary", "auxiliary", "lr", "tokens_per_s", "perplexity", "grad_norm"):
+                if k in row:
+                    self._tb.add_scalar(f"{prefix}/{k}", row[k], row["step"])
+            for i, (l, a) in enumerate(zip(row["head_losses"], row["head_accuracy"])):
+                self._tb.add_scalar(f"{prefix}/head{i}_loss", l, row["step"])
+                self._tb.add_scalar(f"{prefix}/head{i}_accuracy", a, row["step"])
+
+    def _truncate_metrics(self) -> None:
+        """Drop rows written after the checkpoint we start from (a killed run's tail)."""
+        p = self.metrics_path
+        if p is None or not p.exists() or self.rank != 0:
+            return
+        keep = []
+        for line in p.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, p)
+
+    def _open_tensorboard(self) -> None:
+        if not self.config.tensorboard or self.out_dir is None or self.rank != 0:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional: `pip install tensorboard`
+            return
+        self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1)
+
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second
+        signal acts as usual (KeyboardInterrupt / termination)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+            signal.signal(signum, previous[signum])  # the next one is not deferred
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+    def close(self) -> None:
+        """Release what the trainer holds beyond memory (TensorBoard writer)."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """Stop after the current step with a checkpoint (what SIGINT does)."""
+        self._stop_signal = signum
+
+    def fit(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train until ``total_steps`` (or ``stop_at`` steps, checkpointing there).
+
+        Returns ``{"step", "tokens", "status", "eval", "checkpoint"}`` with status one of
+        ``finished``, ``stopped`` (stop_at reached) or ``interrupted`` (SIGINT/SIGTERM);
+        ``signal`` holds the signal number when interrupted. Raises :class:`TrainingDiverged`
+        on a NaN/inf loss, leaving the last checkpoint as it was."""
+        from tqdm import tqdm
+
+        if self.train_data is None:
+            raise ValueError("fit() needs training data")
+        cfg = self.config
+        end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
+        if self.out_dir is not None and self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._truncate_metrics()
+            self._open_tensorboard()
+        self._stop_signal = None
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, desc="train")
+        status = "finished"
+        # Throughput of the training steps alone (evaluation and checkpoints excluded),
+        # averaged over each logging interval.
+        span_time, span_tokens = 0.0, 0
+        try:
+            with self._signal_handlers():
+                while self.step < end:
+                    t0, tokens0 = time.perf_counter(), self.tokens_seen
+                    try:
+                        m = self.train_step(self.batch_for_step(self.step))
+                    except TrainingDiverged as e:
+                        where = (f"the last good checkpoint is {self.last_checkpoint}"
+                                 if self.last_checkpoint else "no checkpoint was written")
+                        raise TrainingDiverged(f"{e}; training stopped ({where}). Try a lower --lr "
+                                               "or grad_clip") from None
+                    span_time += time.perf_counter() - t0
+                    span_tokens += self.tokens_seen - tokens0
+                    tok_s = span_tokens / max(span_time, 1e-9)
+                    step = self.step
+                    last = step == end
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
+                    if step % cfg.log_every == 0 or last:
+                        self._log({**m, "tokens_per_s": tok_s})
+                        span_time, span_tokens = 0.0, 0
+                    if self.val_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+                        self.last_eval = self.evaluate()
+                        self._log(self.last_eval)
+                        if self.progress:
+                            bar.write(f"step {step}: val loss {self.last_eval['loss']:.4f}, head acc "
+                                      + " ".join(f"{a:.1%}" for a in self.last_eval["head_accuracy"]))
+                    stop = self._stop_signal is not None
+                    if self.out_dir is not None and self.rank == 0 and (
+                            last or stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+                        self.save_checkpoint()
+                    if stop:
+                        status = "interrupted"
+                        break
+                else:
+                    if self.step < self.total_steps:
+                        status = "stopped"
+        finally:
+            bar.close()
+            self.close()
+        return {"step": self.step, "tokens": self.tokens_seen, "status": status, "eval": self.last_eval,
+                "checkpoint": self.last_checkpoint, "signal": self._stop_signal}
+
+
+def check_resume_compatible(saved: dict, config: TrainConfig, ckpt: Path) -> None:
+    """The tokenizer a checkpoint was trained with must be the one the config asks for."""
+    kind = saved.get("tokenizer", "byte")
+    if kind != config.tokenizer:
+        raise CheckpointError(f"cannot resume {ckpt}: it was trained with the {kind!r} tokenizer, "
+                              f"the config asks for {config.tokenizer!r}")
+    if kind == "bpe" and saved.get("bpe_vocab_size") != config.bpe_vocab_size:
+        raise CheckpointError(f"cannot resume {ckpt}: its BPE vocabulary was trained with vocab size "
+                              f"{saved.get('bpe_vocab_size')}, the config asks for {config.bpe_vocab_size}")
+
+
+def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Build a trainer from ``config`` and run ``fit``."""
+    return MTPTrainer.from_config(config, out_dir, resume=resume, progress=progress).fit()
+
+
+def train_demo_model(out_dir: str | os.PathLike, *, steps: int | None = None, device: str = "auto",
+                     progress: bool = True, overrides: dict | None = None) -> Path:
+    """Train the ``small`` preset on the stdlib corpus into ``out_dir/model`` and return its
+    checkpoint directory. A finished checkpoint there is reused; an unfinished one is resumed."""
+    run_dir = Path(out_dir) / "model"
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is not None:
+        state = load_trainer_state(ckpt)
+        saved = TrainConfig.from_dict(read_train_config(ckpt), str(ckpt))
+        if state["step"] >= saved.total_steps():
+            return ckpt
+    extra = {"device": device}
+    if steps is not None:
+        extra["max_steps"] = steps
+    base = read_train_config(ckpt) if ckpt is not None else None
+    config = build_config("small" if base is None else None, None, merge_config(overrides, extra), base=base)
+    result = MTPTrainer.from_config(config, run_dir, resume=ckpt is not None, progress=progress).fit()
+    if result["status"] == "interrupted":
+        raise KeyboardInterrupt
+    return result["checkpoint"]
