@@ -26,8 +26,19 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# Memory, training-step and decoding benchmarks (~20 min on 2 cores); refreshes bench/README.md.
 bench: install
-	$(BIN)/multitoken bench memory --json bench/memory.json --markdown bench/memory.md
+	$(BIN)/multitoken bench memory --vocab-size 32768 --d-model 128 --n-layer 2 --seq-len 256 --batch-size 2 \
+		--n-future 1 2 4 8 --chunk-size 64 --repeats 3 --threads 1 --json bench/memory.json --readme bench/README.md
+	$(BIN)/multitoken bench train --vocab-size 257 --d-model 256 --n-layer 4 --n-head 4 --seq-len 256 --batch-size 8 \
+		--n-future 2 4 --backward mtp --repeats 5 --threads 1 --json bench/train.json --readme bench/README.md
+	$(BIN)/multitoken demo --out $(RUNS)/demo
+	$(BIN)/multitoken bench decode --model $(RUNS)/demo/model --modes ar spec tree --threads 1 \
+		--json bench/decode.json --readme bench/README.md
+
+# MTP vs next-token on the stdlib corpus (three small-preset runs, resumable); writes docs/results.md.
+experiment: install
+	$(BIN)/python bench/experiment.py --out $(RUNS)/experiment
 
 clean:
 	rm -rf $(VENV) $(RUNS) .pytest_cache

@@ -78,3 +78,19 @@ def test_bench_decode_writes_rows(ckpt, tmp_path, monkeypatch):
     assert code == 0 and [r["mode"] for r in rows] == ["ar", "spec", "draft"]
     assert all(r["identical"] for r in rows) and rows[0]["speedup"] == 1.0
     assert "| spec |" in (tmp_path / "d.md").read_text()
+
+
+def test_tune_tree_saves_a_tree_that_generate_uses(ckpt, tmp_path, monkeypatch, capsys):
+    import multitoken.bench_decode as bd
+    from multitoken.tree import load_tree
+    monkeypatch.setattr(bd, "validation_prompts", lambda tok, n, k, sources=None: [tok.encode("for i in range(")] * 2)
+    assert main(["tune-tree", "--model", str(ckpt), "--budget", "5", "--max-new-tokens", "8"]) == 0
+    paths = load_tree(ckpt / "checkpoint")
+    assert 1 <= len(paths) <= 5 and "expected tau" in capsys.readouterr().out
+    out = tmp_path / "tree.json"
+    assert main(["generate", "--model", str(ckpt), "--prompt", "x = ", "--mode", "tree", "--max-new-tokens", "12",
+                 "--no-eos", "--compare", "--json", str(out), "--quiet"]) == 0
+    stats = json.loads(out.read_text())
+    assert stats["identical"] and 1 < stats["tree_nodes_per_step"] <= len(paths) + 1  # tuned tree + root, cut near the end
+    assert main(["generate", "--model", str(ckpt), "--prompt", "x = ", "--mode", "tree", "--tree-budget", "6",
+                 "--max-new-tokens", "8", "--quiet"]) == 0

@@ -112,6 +112,7 @@ def _bench_common_args(p: argparse.ArgumentParser) -> None:
 def add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (memory, train, decode); results as JSON + markdown")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    add_bench_decode(bsub)  # decoding benchmark: see the generate section
     mem = bsub.add_parser("memory", help="peak memory and time of one training step: naive vs memory-efficient MTP backward",
                           description="One training step (forward + backward, no optimizer) per setting, naive vs "
                                       "memory-efficient MTP backward (with and without CE chunking), in one fresh "
@@ -196,13 +197,613 @@ def add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_report)
 
 
+# ---------------------------------------------------------------------------- train
+def _train_overrides(args: argparse.Namespace) -> dict:
+    """Flags -> TrainConfig overrides (only the flags that were given)."""
+    from .train import parse_set
+
+    out = parse_set(args.set or [])
+    model = out.setdefault("model", {})
+    for flag, key in (("n_future", "n_future"), ("head_type", "head_type")):
+        if getattr(args, flag) is not None:
+            model[key] = getattr(args, flag)
+    if not model:
+        del out["model"]
+    simple = {"data": "data", "tokenizer": "tokenizer", "vocab_size": "bpe_vocab_size",
+              "batch_size": "micro_batch_size", "grad_accum": "grad_accum", "seq_len": "seq_len",
+              "lr": "lr", "weighting": "weighting", "device": "device", "dtype": "dtype", "seed": "seed"}
+    for flag, key in simple.items():
+        if getattr(args, flag) is not None:
+            out[key] = getattr(args, flag)
+    if args.steps is not None:
+        out.update(max_steps=args.steps, max_tokens=None)
+    if args.max_tokens is not None:
+        out.update(max_tokens=args.max_tokens, max_steps=None)
+    if args.compile:
+        out["compile"] = True
+    return out
+
+
+class _OneLineWarnings:
+    """Show warnings (e.g. non-UTF-8 bytes replaced) as one `warning: ...` line on stderr."""
+
+    def __enter__(self):
+        import warnings
+        self._saved = warnings.showwarning
+        warnings.showwarning = lambda message, category, *rest, **kw: print(
+            f"warning: {str(message).splitlines()[0]}", file=sys.stderr)
+        return self
+
+    def __exit__(self, *exc):
+        import warnings
+        warnings.showwarning = self._saved
+
+
+def _launch_local(args: argparse.Namespace) -> int:
+    """``multitoken train --nproc N ...``: run ``torchrun --standalone --nproc-per-node N -m
+    multitoken train ...`` (the same arguments minus --nproc) in this process."""
+    import os
+
+    if os.environ.get("RANK") is not None:
+        raise UsageError("--nproc spawns torchrun itself; inside torchrun drop --nproc")
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    argv = sys.argv[1:]
+    if vars(build_parser().parse_args(argv)) != vars(args):
+        raise UsageError("--nproc works from the command line only; call torchrun yourself")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launch = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={args.nproc}",
+                                           "--max-restarts=0", "-m", "multitoken", *rest])
+    try:
+        run(launch)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
+        if code not in (2, 130):  # 2 and 130: the rank already said why in one line
+            print(f"error: training failed on rank {rank} (exit code {failure.exitcode}); see its "
+                  "messages above", file=sys.stderr)
+        return code
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from .checkpoint import CheckpointNotFoundError, find_checkpoint, read_train_config
+    from .train import MTPTrainer, build_config
+
+    if args.nproc is not None:
+        return _launch_local(args)
+    # Under torchrun (WORLD_SIZE > 1) data-parallel training is the point: DDP unless told otherwise.
+    parallel = args.parallel or ("ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
+    out = Path(args.out or f"runs/{args.preset or 'train'}")
+    base, preset = None, args.preset
+    if args.resume:
+        ckpt = find_checkpoint(out)
+        if ckpt is None:
+            raise CheckpointNotFoundError(f"nothing to resume: no checkpoint in {out}")
+        base = read_train_config(ckpt)  # the run's own config; --preset/--config/flags override it
+    elif preset is None and args.config is None:
+        preset = "small"
+    config = build_config(preset, args.config, _train_overrides(args), base=base)
+    with _OneLineWarnings():
+        trainer = MTPTrainer.from_config(config, out, resume=args.resume, progress=not args.no_progress,
+                                         parallel=parallel)
+    try:
+        return _run_training(trainer, config, args, out)
+    finally:
+        trainer.close()
+
+
+def _run_training(trainer, config, args: argparse.Namespace, out: Path) -> int:
+    from .train import TrainingDiverged, format_head_table
+
+    main_rank = trainer.rank == 0  # only rank 0 talks
+    n = trainer.model.num_parameters()
+    where = f"{trainer.device}" + (f" x {trainer.world_size} ranks ({trainer.parallel.kind})"
+                                   if trainer.parallel is not None else "")
+    if main_rank:
+        print(f"model: {n['total']:,} parameters (trunk {n['trunk']:,}, heads {n['heads']:,}), "
+              f"n_future={trainer.model.cfg.n_future}, head_type={trainer.model.cfg.head_type}; "
+              f"data: {len(trainer.train_data):,} train sequences of {config.seq_len} tokens; "
+              f"{trainer.total_steps} steps of {config.tokens_per_step(trainer.world_size):,} tokens on {where}"
+              + (f"; resuming at step {trainer.step}" if args.resume else ""), file=sys.stderr)
+    try:
+        result = trainer.fit()
+    except TrainingDiverged as e:
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not main_rank:
+        return 130 if result["status"] == "interrupted" else 0
+    if result["status"] == "interrupted":
+        print(f"interrupted at step {result['step']}; checkpoint saved to {result['checkpoint']}; "
+              f"continue with: multitoken train --out {out} --resume", file=sys.stderr)
+        return 130 if result["signal"] in (None, 2) else 128 + int(result["signal"])
+    if result["eval"] is not None:
+        print(format_head_table(result["eval"]))
+    print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train an MTP model (presets, YAML/JSON config, checkpoints, --resume)",
+        description="Train an MTP model. Settings come from, in increasing priority: the preset, the "
+                    "--config file, then --set and the other flags. With --resume the run's saved config "
+                    "is the base instead of a preset.")
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of TrainConfig fields (model fields under 'model:')")
+    p.add_argument("--preset", metavar="NAME", help="tiny (tests, seconds) | small (CPU demo, minutes; the default) "
+                                                    "| base (a GPU run)")
+    p.add_argument("--out", metavar="DIR", help="run directory: checkpoint/, metrics.jsonl (default runs/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders (recursive) or JSONL with a "
+                                                             "'text' field (default: the Python stdlib sources)")
+    p.add_argument("--tokenizer", metavar="KIND", help="byte (default) or bpe (trained on the training split)")
+    p.add_argument("--vocab-size", type=int, metavar="N", help="BPE vocabulary size (with --tokenizer bpe)")
+    p.add_argument("--n-future", type=int, metavar="N", help="tokens predicted per position (1 = plain LM)")
+    p.add_argument("--head-type", metavar="T", help="linear | residual | modulated | transformer | sequential")
+    p.add_argument("--weighting", metavar="W", help="loss weighting: tutorial | uniform | deepseek")
+    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps to train (replaces max_tokens)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="train on this many tokens (replaces --steps)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=int, metavar="N", help="tokens per training sequence")
+    p.add_argument("--lr", type=float, metavar="F", help="peak learning rate")
+    p.add_argument("--device", metavar="D", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", metavar="T", help="autocast dtype: auto | float32 | bfloat16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--seed", type=int, metavar="N", help="seed of the model init and the data order")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any TrainConfig field, e.g. --set eval_every=50 --set model.d_model=128 "
+                        "(repeatable; values parsed as YAML)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"),
+                   help="data-parallel mode under torchrun: ddp (a replica per rank; the default when "
+                        "WORLD_SIZE > 1) or fsdp (FSDP2: weights, gradients, optimizer state sharded)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="spawn N local ranks with torchrun (torch.distributed.run --standalone "
+                        "--nproc-per-node N -m multitoken train ...); global batch = batch size x "
+                        "grad accum x N")
+    p.set_defaults(func=cmd_train)
+
+
+# ---------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .checkpoint import read_eval
+    from .train import format_head_table, train_demo_model
+
+    with _OneLineWarnings():
+        ckpt = train_demo_model(args.out, steps=args.steps, device=args.device, progress=not args.no_progress)
+    ev = read_eval(ckpt)
+    print(f"model: {ckpt}")
+    if ev is not None:
+        print("per-head validation metrics (head i predicts token t+i+1):")
+        print(format_head_table(ev))
+    return demo_decode(ckpt)
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train the small preset on the stdlib sources and show what the heads learned",
+                       description="Train the `small` preset (byte-level, 4 residual heads) on the Python standard "
+                                   "library sources into OUT/model (reused if already trained, resumed if "
+                                   "interrupted) and print per-head validation loss and accuracy.")
+    p.add_argument("--out", metavar="DIR", default="runs/demo", help="demo directory (default runs/demo)")
+    p.add_argument("--steps", type=int, metavar="N", help="training steps (default: the small preset's)")
+    p.add_argument("--device", metavar="D", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+
+
+# ---------------------------------------------------------------------------- generate
+def _load_decoder(args: argparse.Namespace):
+    """-> (model implementing the decode protocol, tokenizer with encode/decode/eos_id)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if getattr(args, "base", None):
+        from .hf_heads import load_heads_model
+        return load_heads_model(args.base, args.heads)
+    if not args.model:
+        raise UsageError("give --model DIR (a trained multitoken checkpoint) or --base/--heads")
+    from .checkpoint import load_model
+    return load_model(args.model)
+
+
+def _prompt_text(args: argparse.Namespace) -> str:
+    if args.prompt_file:
+        raw = Path(args.prompt_file).read_bytes()
+        text = raw.decode("utf-8", errors="replace")
+        if "\ufffd" in text and b"\xef\xbf\xbd" not in raw:
+            print(f"warning: {args.prompt_file} is not valid UTF-8; undecodable bytes were replaced", file=sys.stderr)
+        return text
+    if args.prompt is None:
+        raise UsageError("give --prompt TEXT or --prompt-file FILE")
+    return args.prompt
+
+
+class _TextStream:
+    """Print text as tokens are accepted; hold back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out, self.ids, self.shown = tokenizer, out or sys.stdout, [], 0
+
+    def __call__(self, row: int, tokens: list[int]) -> None:
+        self.ids.extend(tokens)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.shown:])
+        self.out.flush()
+        self.shown = len(text)
+
+    def finish(self) -> None:
+        self.out.write(self.tokenizer.decode(self.ids)[self.shown:] + "\n")
+        self.out.flush()
+
+
+def _tree_for(args: argparse.Namespace, model):
+    """--mode tree: the --tree given, else the tree tuned next to the model, else the default
+    preset; None when --tree-budget asks for dynamic trees."""
+    if getattr(args, "tree_budget", None) is not None:
+        if args.tree is not None:
+            raise UsageError("give either --tree or --tree-budget, not both")
+        return None
+    from .tree import resolve_tree
+    model_dir = None
+    if getattr(args, "model", None):
+        from .checkpoint import resolve_checkpoint
+        model_dir = resolve_checkpoint(args.model)
+    elif getattr(args, "heads", None):
+        model_dir = args.heads
+    return resolve_tree(args.tree, model_dir, model.n_future - 1)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from .generate import generate
+
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    model, tokenizer = _load_decoder(args)
+    text = _prompt_text(args)
+    if args.chat:
+        from .pretrained import apply_chat_template_or_fail
+        ids = tokenizer.encode(apply_chat_template_or_fail(getattr(tokenizer, "hf", tokenizer), text))
+    else:
+        ids = tokenizer.encode(text)
+    if not ids:
+        raise UsageError("empty prompt: it encodes to no tokens")
+    draft_model = None
+    if args.mode == "draft":
+        if not args.draft_model:
+            raise UsageError("--mode draft needs --draft-model DIR")
+        from .checkpoint import load_model
+        draft_model, _ = load_model(args.draft_model)
+    eos = None if args.no_eos else getattr(tokenizer, "eos_id", None)
+    if eos is None and not args.no_eos:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    stream = _TextStream(tokenizer) if not args.quiet else None
+    result = generate(model, [torch.tensor(ids)], args.max_new_tokens, mode=args.mode, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, draft_model=draft_model, num_draft=args.num_draft,
+                      eos_id=eos, seed=args.seed, tree=_tree_for(args, model) if args.mode == "tree" else None,
+                      tree_budget=args.tree_budget,
+                      on_tokens=stream, truncate=args.truncate)
+    if stream:
+        stream.finish()
+    stats = result.stats.to_dict()
+    report = {"mode": args.mode, **stats}
+    if args.compare:
+        plain = generate(model, [torch.tensor(ids)], args.max_new_tokens, eos_id=eos, truncate=args.truncate)
+        report["identical"] = plain.tokens == result.tokens if args.temperature == 0 else None
+        report["plain_tokens_per_s"] = plain.stats.tokens_per_s
+        report["speedup"] = stats["tokens_per_s"] / max(plain.stats.tokens_per_s, 1e-9)
+    _print_stats(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _print_stats(r: dict) -> None:
+    acc = " ".join(f"{a:.2f}" for a in r.get("acceptance_rates", []))
+    line = (f"[{r['mode']}] {r['new_tokens']} tokens in {r['wall_s']:.2f}s ({r['tokens_per_s']:.1f} tok/s), "
+            f"{r['forward_passes']} forward passes, tau={r['tau']:.2f}")
+    if acc:
+        line += f", acceptance per head: {acc}"
+    if "speedup" in r:
+        ident = {True: "yes", False: "NO", None: "n/a (sampling)"}[r["identical"]]
+        line += f"; vs plain: {r['speedup']:.2f}x, identical: {ident}"
+    print(line, file=sys.stderr)
+
+
+DEMO_PROMPT = "import os\nimport sys\n\n\ndef main(argv=None):\n    \"\"\"Parse the command line.\"\"\"\n"
+
+
+def demo_decode(ckpt, prompt: str = DEMO_PROMPT, max_new_tokens: int = 256) -> int:
+    """The demo's second half: the same prompt decoded plainly, self-speculatively and with a
+    tree, in one process; prints the text, tau, acceptance per head, speed-ups, identity."""
+    import torch
+    from .checkpoint import load_model
+    from .generate import generate
+    from .tree import resolve_tree
+
+    model, tokenizer = load_model(ckpt)
+    ids = [torch.tensor(tokenizer.encode(prompt))]
+    max_new_tokens = min(max_new_tokens, model.max_seq_len - len(ids[0]))
+    generate(model, ids, 8)  # warm-up, so first-call allocations are not timed
+    plain = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id)
+    rows = [("plain", plain)]
+    if model.n_future > 1:
+        rows.append(("self-speculative", generate(model, ids, max_new_tokens, mode="spec", eos_id=tokenizer.eos_id)))
+        tree = resolve_tree(None, ckpt, model.n_future - 1)
+        rows.append(("tree", generate(model, ids, max_new_tokens, mode="tree", tree=tree, eos_id=tokenizer.eos_id)))
+    print("\nprompt + greedy continuation:\n" + "-" * 60)
+    print(prompt + tokenizer.decode(plain.tokens[0]))
+    print("-" * 60)
+    print(f"{'decoder':<18}{'tokens':>7}{'passes':>8}{'tau':>7}{'tok/s':>9}{'speed-up':>10}  identical  acceptance per head")
+    for name, r in rows:
+        st = r.stats
+        acc = " ".join(f"{a:.2f}" for a in st.acceptance_rates) or "-"
+        same = "yes" if r.tokens == plain.tokens else "NO"
+        print(f"{name:<18}{st.new_tokens:>7}{st.forward_passes:>8}{st.tau:>7.2f}{st.tokens_per_s:>9.1f}"
+              f"{st.tokens_per_s / plain.stats.tokens_per_s:>9.2f}x  {same:<9}  {acc}")
+    return 0 if all(r.tokens == plain.tokens for _, r in rows) else 1
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    from .generate import MODES
+    g = sub.add_parser("generate", help="generate text: plain, self-speculative, draft-model or tree decoding")
+    g.add_argument("--model", help="trained multitoken checkpoint or run directory")
+    g.add_argument("--base", help="Hugging Face base model: 'smollm2' or a folder/GGUF path (with --heads)")
+    g.add_argument("--heads", help="directory of MTP heads trained for --base")
+    g.add_argument("--prompt", help="prompt text")
+    g.add_argument("--prompt-file", help="read the prompt from this file (UTF-8; bad bytes replaced)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--mode", choices=MODES, default="spec", help="decoding algorithm (default: spec)")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples losslessly")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--num-draft", type=int, help="draft tokens per step (default: all heads; 4 for --mode draft)")
+    g.add_argument("--draft-model", help="checkpoint of the draft model for --mode draft")
+    g.add_argument("--tree", help="tree for --mode tree: JSON list of paths, e.g. '[[0],[1],[0,0]]', or a preset name")
+    g.add_argument("--tree-budget", type=int, help="build the tree dynamically each step with this many nodes")
+    g.add_argument("--seed", type=int, help="random seed for sampling")
+    g.add_argument("--no-eos", action="store_true", help="do not stop at the tokenizer's end-of-text token")
+    g.add_argument("--truncate", choices=["left"], help="drop the oldest prompt tokens that do not fit the context")
+    g.add_argument("--compare", action="store_true", help="also run plain greedy decoding: identical? speed-up?")
+    g.add_argument("--json", help="write the stats (tau, acceptance_rates, speedup, identical, ...) to this file")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--quiet", action="store_true", help="do not stream the text, print only the stats")
+    g.set_defaults(func=cmd_generate)
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    import torch
+    from .bench_decode import bench_decode, markdown_table, validation_prompts
+
+    model, tokenizer = _load_decoder(args)
+    draft_model = None
+    modes = list(args.modes)
+    if args.draft_model:
+        from .checkpoint import load_model
+        draft_model, _ = load_model(args.draft_model)
+    elif "draft" in modes:
+        modes.remove("draft")
+        print("note: no --draft-model given, skipping the draft mode", file=sys.stderr)
+    prompts = validation_prompts(tokenizer, args.prompts, args.prompt_tokens)
+    rows = bench_decode(model, prompts, modes, args.max_new_tokens, draft_model=draft_model,
+                        num_draft=args.num_draft, tree=_tree_for(args, model) if "tree" in modes else None,
+                        tree_budget=args.tree_budget)
+    table = markdown_table(rows, f"decode: {args.model or args.base}")
+    print(table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    if args.readme:
+        from .bench import update_readme
+        command = "multitoken bench decode " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "decode"] else None
+        update_readme(args.readme, "decode", table, command)
+    return 0 if all(r["identical"] for r in rows) else 1
+
+
+def add_bench_decode(bsub: argparse._SubParsersAction) -> None:
+    d = bsub.add_parser("decode", help="plain vs self-speculative vs draft-model (vs tree) decoding, greedy")
+    d.add_argument("--model", help="trained multitoken checkpoint or run directory")
+    d.add_argument("--base", help="Hugging Face base ('smollm2' or a path), with --heads")
+    d.add_argument("--heads", help="MTP heads directory for --base")
+    d.add_argument("--modes", nargs="+", default=["ar", "spec", "draft", "tree"], help="modes to compare")
+    d.add_argument("--draft-model", help="draft model checkpoint for the draft mode")
+    d.add_argument("--num-draft", type=int, help="draft tokens per step")
+    d.add_argument("--tree", help="static tree (JSON paths or preset) for the tree mode")
+    d.add_argument("--tree-budget", type=int, help="dynamic tree node budget for the tree mode")
+    d.add_argument("--prompts", type=int, default=16, help="validation prompts (default 16)")
+    d.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt (default 64)")
+    d.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
+    d.add_argument("--threads", type=int, help="torch CPU threads")
+    d.add_argument("--json", help="write the rows as JSON")
+    d.add_argument("--markdown", help="write the markdown table")
+    d.add_argument("--readme", help="update the decode section of this README (e.g. bench/README.md)")
+    d.set_defaults(func=cmd_bench_decode)
+
+
+def cmd_tune_tree(args: argparse.Namespace) -> int:
+    from .bench_decode import validation_prompts
+    from .checkpoint import resolve_checkpoint
+    from .tree import build_tree, expected_accept_length, measure_topk_acceptance, save_tree
+
+    model, tokenizer = _load_decoder(args)
+    prompts = validation_prompts(tokenizer, args.prompts, args.prompt_tokens)
+    top_k = min(args.top_k or min(args.budget, 10), model.vocab_size)
+    acc = measure_topk_acceptance(model, prompts, None, top_k, args.max_new_tokens)
+    paths = build_tree(acc, args.budget)
+    out_dir = resolve_checkpoint(args.model) if args.model else Path(args.heads)
+    path = save_tree(paths, out_dir, acceptance=acc.tolist(), budget=args.budget)
+    for j, row in enumerate(acc.tolist(), start=1):
+        print(f"head {j}: top-{top_k} acceptance " + " ".join(f"{a:.2f}" for a in row))
+    print(f"tree of {len(paths)} nodes, expected tau {expected_accept_length(paths, acc):.2f}: {json.dumps(paths)}")
+    print(f"saved to {path} (used by --mode tree by default)")
+    return 0
+
+
+def add_tune_tree(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("tune-tree", help="measure per-head top-k acceptance and save the best static tree for a budget")
+    t.add_argument("--model", help="trained multitoken checkpoint or run directory")
+    t.add_argument("--base", help="Hugging Face base ('smollm2' or a path), with --heads")
+    t.add_argument("--heads", help="MTP heads directory for --base (the tree is saved there)")
+    t.add_argument("--budget", type=int, required=True, help="tree nodes (candidates verified per step)")
+    t.add_argument("--top-k", type=int, help="candidates measured per head (default min(budget, 10))")
+    t.add_argument("--prompts", type=int, default=16, help="validation prompts (default 16)")
+    t.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt (default 64)")
+    t.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens decoded per prompt (default 64)")
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.set_defaults(func=cmd_tune_tree)
+
+
 # ---------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------- heads (HF base + MTP heads)
+def cmd_heads_train(args: argparse.Namespace) -> int:
+    from .heads_train import HeadsTrainConfig, run_heads_train
+
+    cfg = HeadsTrainConfig(n_future=args.n_future, head_type=args.head_type, targets=args.targets,
+                           draft_vocab=args.draft_vocab, epochs=args.epochs, steps=args.steps,
+                           batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
+                           max_minutes=args.minutes, eval_every=args.eval_every, tree_budget=args.tree_budget,
+                           d_ff=args.d_ff)
+    s = run_heads_train(args.base, args.data, args.out, cfg, cache_dir=args.cache, max_tokens=args.max_tokens,
+                        seq_len=args.seq_len, generate_distill=args.generate_distill, threads=args.threads,
+                        progress=not args.quiet)
+    ev = s["eval"] or {}
+    built = "reused" if s["cache_reused"] else f"built in {s['cache_s']:.0f} s"
+    print(f"trained {s['steps']} steps on {s['tokens']} tokens ({s['epochs']:.1f} epochs of "
+          f"{s['unique_train_tokens']} cached tokens) in {s['wall_s']:.0f} s; hidden cache {built}")
+    if ev:
+        print("validation head accuracy (vs targets): " + " ".join(f"{a:.1%}" for a in ev["head_accuracy"][1:])
+              + f"; expected chain tau {ev['expected_tau']:.2f}")
+    print(f"heads saved to {s['out']}")
+    return 0
+
+
+def cmd_heads_bench(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from .bench_decode import machine_description
+    from .bench_hf import CODE_INSTRUCTION, bench_hf_decode, chat_ids, code_snippets, markdown, read_prompts
+    from .hf_heads import load_heads_model
+    from .tree import resolve_tree, verify_cost_by_width
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_heads_model(args.base, args.heads)
+    hf = tok.hf
+    code = [("code", chat_ids(hf, CODE_INSTRUCTION.format(code=c))) for c in code_snippets(hf, args.code_prompts)]
+    prose = [("prose", chat_ids(hf, p)) for p in read_prompts(args.prose)[:args.prose_prompts]] if args.prose else []
+    # alternate code and prose, so that an interrupted run still covers both halves
+    prompts = [p for pair in zip(code, prose) for p in pair] + code[len(prose):] + prose[len(code):]
+    tree = resolve_tree(args.tree, args.heads, model.n_future - 1) if "tree" in args.decoders else None
+    verify = verify_cost_by_width(model, [1, 2, 4, 8, 16]) if args.verify_cost else None
+    result = bench_hf_decode(model, hf, prompts, args.max_new_tokens, args.decoders, args.num_draft, tree,
+                             args.pld_tokens, progress=not args.quiet,
+                             partial=args.json + ".partial" if args.json else None)
+    result.update(verify_cost=verify, machine=machine_description(), python=platform.python_version(),
+                  base=args.base, heads=args.heads, tree=tree if not hasattr(tree, "paths") else tree.paths)
+    table = markdown(result, f"decode: {args.base} + heads {args.heads}", result["machine"], verify)
+    print(table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0 if all(r["identical"] for r in result["rows"] if r["decoder"] != "hf_pld") else 1
+
+
+def add_heads(sub: argparse._SubParsersAction) -> None:
+    heads = sub.add_parser("heads", help="MTP heads on a frozen Hugging Face causal LM: train, bench")
+    hsub = heads.add_subparsers(dest="heads_command", required=True, metavar="ACTION")
+    t = hsub.add_parser("train", help="train heads on cached hidden states of a frozen HF base "
+                                      "(writes heads.safetensors, heads_config.json, metrics.jsonl)")
+    t.add_argument("--base", required=True, help="'smollm2' or a Hugging Face model folder / .gguf file")
+    t.add_argument("--data", nargs="+", metavar="PATH",
+                   help="text files, folders, JSONL; '<stdlib>' (default: the stdlib train split), "
+                        "'<prose>' (the stdlib's English documentation topics)")
+    t.add_argument("--out", required=True, metavar="DIR", help="heads directory")
+    t.add_argument("--head-type", default="sequential", choices=["sequential", "residual", "linear"],
+                   help="sequential (token-conditioned, default), residual (Medusa) or linear")
+    t.add_argument("--n-future", type=int, default=4, help="heads including the base's own (default 4: 3 drafts)")
+    t.add_argument("--targets", default="distill", choices=["corpus", "distill"],
+                   help="distill: the base's own greedy tokens (default; what acceptance needs); corpus: the text")
+    t.add_argument("--draft-vocab", type=int, default=8192,
+                   help="draft over the N most frequent base-greedy tokens of the cache (0 = full vocabulary)")
+    t.add_argument("--steps", type=int, help="optimizer steps (default: --epochs passes)")
+    t.add_argument("--epochs", type=float, default=4.0, help="passes over the cached rows (default 4)")
+    t.add_argument("--minutes", type=float,
+                   help="training time budget: the cosine schedule runs over it and training stops there")
+    t.add_argument("--max-tokens", type=int, default=65536, help="tokens in the hidden cache (default 65536)")
+    t.add_argument("--seq-len", type=int, default=256, help="cached sequence length (default 256)")
+    t.add_argument("--batch-size", type=int, default=8, help="cached rows per step (default 8)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
+    t.add_argument("--warmup", type=int, default=20, help="warm-up steps (default 20)")
+    t.add_argument("--eval-every", type=int, default=50, help="validation every N steps (default 50)")
+    t.add_argument("--d-ff", type=int, help="hidden width of each head's MLP (default: the base's)")
+    t.add_argument("--tree-budget", type=int, default=8,
+                   help="draft nodes of the static tree saved as tree.json (from validation top-k; 0 = none)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--cache", metavar="DIR", help="hidden cache folder (reused if complete; default OUT/hidden_cache)")
+    t.add_argument("--generate-distill", type=int, default=0, metavar="N",
+                   help="first generate about N tokens of greedy continuations by the base from corpus prompts")
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_heads_train)
+
+    b = hsub.add_parser("bench", help="HF greedy vs HF prompt lookup vs multitoken plain/chain/tree on chat prompts")
+    b.add_argument("--base", required=True, help="'smollm2' or a Hugging Face model folder / .gguf file")
+    b.add_argument("--heads", required=True, metavar="DIR", help="heads trained with `heads train`")
+    b.add_argument("--code-prompts", type=int, default=10, help="code prompts from the stdlib validation split")
+    b.add_argument("--prose", metavar="FILE", help="prose prompts, one per line")
+    b.add_argument("--prose-prompts", type=int, default=10, help="prose prompts used from --prose (default 10)")
+    b.add_argument("--decoders", nargs="+", default=["hf", "hf_pld", "ar", "spec", "tree"],
+                   choices=["hf", "hf_pld", "ar", "spec", "tree"])
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--num-draft", type=int, help="draft tokens per step (default: all heads)")
+    b.add_argument("--tree", help="static tree for the tree decoder (preset, JSON paths; default: tree.json "
+                                  "next to the heads, else the medium preset)")
+    b.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for HF (default 10)")
+    b.add_argument("--verify-cost", action="store_true", help="also time one verify pass per width 1..16")
+    b.add_argument("--threads", type=int, help="torch CPU threads")
+    b.add_argument("--json", help="write rows + per-prompt results as JSON")
+    b.add_argument("--markdown", help="write the markdown table")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_heads_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multitoken", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_bench(sub)
     add_analyze(sub)
     add_report(sub)
+    add_train(sub)
+    add_generate(sub)
+    add_tune_tree(sub)
+    add_demo(sub)
+    add_heads(sub)
     return parser
 
 
