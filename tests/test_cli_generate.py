@@ -74,8 +74,10 @@ def test_bench_decode_writes_rows(ckpt, tmp_path, monkeypatch):
     out = tmp_path / "decode.json"
     code = main(["bench", "decode", "--model", str(ckpt), "--modes", "ar", "spec", "draft", "--draft-model", str(ckpt),
                  "--max-new-tokens", "16", "--json", str(out), "--markdown", str(tmp_path / "d.md")])
-    rows = json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert code == 0 and [r["mode"] for r in rows] == ["ar", "spec", "draft"]
+    assert [c["width"] for c in result["verify_cost"]] == [1, 2, 4, 8, 16, 32]
     assert all(r["identical"] for r in rows) and rows[0]["speedup"] == 1.0
     assert "| spec |" in (tmp_path / "d.md").read_text()
 

@@ -128,3 +128,12 @@ def markdown_table(rows: list[dict], title: str = "decode") -> str:
         lines.append(f"| {r['mode']} | {r['tau']:.2f} | {acc} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}× | "
                      f"{'yes' if r['identical'] else 'NO'} |")
     return "\n".join(lines) + "\n"
+
+
+def verify_cost_table(costs: list[dict]) -> str:
+    """Markdown rows of one verify pass's cost by block width (what a tree budget costs)."""
+    lines = ["", "Verify-pass cost by block width (1 = a plain decoding step; a tree of N nodes is width N+1):", "",
+             "| width | ms per pass | × width 1 |", "|---|---|---|"]
+    for c in costs:
+        lines.append(f"| {c['width']} | {1000 * c['seconds']:.2f} | {c['relative']:.2f} |")
+    return "\n".join(lines) + "\n"

@@ -593,7 +593,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench_decode(args: argparse.Namespace) -> int:
     import torch
-    from .bench_decode import bench_decode, markdown_table, validation_prompts
+    import time
+    from .bench_decode import bench_decode, machine_description, markdown_table, validation_prompts, verify_cost_table
 
     model, tokenizer = _load_decoder(args)
     draft_model = None
@@ -609,10 +610,16 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
                         num_draft=args.num_draft, tree=_tree_for(args, model) if "tree" in modes else None,
                         tree_budget=args.tree_budget)
     table = markdown_table(rows, f"decode: {args.model or args.base}")
+    result = {"benchmark": "decode", "model": args.model or args.base, "machine": machine_description(),
+              "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    if args.verify_widths:
+        from .tree import verify_cost_by_width
+        result["verify_cost"] = verify_cost_by_width(model, args.verify_widths, prefix_len=args.prompt_tokens)
+        table += verify_cost_table(result["verify_cost"])
     print(table)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(table)
     if args.readme:
@@ -639,6 +646,8 @@ def add_bench_decode(bsub: argparse._SubParsersAction) -> None:
     d.add_argument("--json", help="write the rows as JSON")
     d.add_argument("--markdown", help="write the markdown table")
     d.add_argument("--readme", help="update the decode section of this README (e.g. bench/README.md)")
+    d.add_argument("--verify-widths", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32],
+                   help="also time one verify pass per block width (tree nodes + 1); none to skip")
     d.set_defaults(func=cmd_bench_decode)
 
 
