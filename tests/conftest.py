@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -27,3 +29,41 @@ def tiny_model(head_type: str = "residual", n_future: int = 3, seed: int = 0, he
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)
+
+
+class RankedStub:
+    """Base head emits script[pos + 1] at position pos (= committed length + depth), whatever
+    the content; head j at committed length L puts the true next token script[L + j] at
+    rank ``rank(L, j)`` of its logits. Lets tests dictate which tree path is right."""
+
+    vocab_size, n_future, max_seq_len = 10, 4, 1000
+
+    def __init__(self, script, rank=lambda length, j: 0):
+        self.script, self.rank = torch.tensor(script), rank
+
+    def new_state(self, batch, capacity):
+        return SimpleNamespace(lengths=torch.zeros(batch, dtype=torch.long), capacity=capacity)
+
+    def verify(self, state, tokens, tree_mask=None, depths=None):
+        depths = torch.arange(tokens.shape[1]) if depths is None else depths
+        pos = state.lengths[:, None] + depths
+        return torch.nn.functional.one_hot(self.script[pos + 1], self.vocab_size).float() * 20
+
+    def accept(self, state, keep, counts):
+        state.lengths = state.lengths + counts
+
+    def crop(self, state, lengths):
+        state.lengths = lengths.clone()
+
+    def draft(self, state, next_tokens, k, pick):
+        length = int(state.lengths[0])
+        rows = []
+        for j in range(1, k + 1):
+            true = int(self.script[length + j])
+            order = [t for t in range(self.vocab_size) if t != true]
+            order.insert(self.rank(length, j), true)
+            logits = torch.empty(self.vocab_size)
+            logits[torch.tensor(order)] = -torch.arange(self.vocab_size, dtype=torch.float)
+            rows.append(logits)
+        logits = torch.stack(rows)[None]
+        return torch.stack([pick(logits[:, j], j) for j in range(k)], 1), logits

@@ -1,6 +1,5 @@
 """Exactness of every decoder against plain greedy decoding, lossless sampling, edge cases."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 import multitoken.generate as gen
 from multitoken.generate import generate
 from multitoken.sampling import Sampler
-from conftest import HEAD_TYPES, tiny_model
+from conftest import HEAD_TYPES, tiny_model, RankedStub
 
 # ----------------------------------------------------------------------------- exactness
 
@@ -63,51 +62,19 @@ def test_stats_of_plain_decoding():
     assert out.stats.tokens_per_s > 0 and out.stats.wall_s > 0
 
 
-# ----------------------------------------------------------------------------- scripted stub model
-
-
-class ScriptedModel:
-    """Base head emits script[p+1] at position p whatever the content; head j at committed
-    length L drafts script[L+j], or a wrong token where wrong(L, j) says so."""
-
-    vocab_size, n_future, max_seq_len = 10, 4, 1000
-
-    def __init__(self, script, wrong=lambda length, j: False):
-        self.script, self.wrong = script, wrong
-
-    def _onehot(self, ids):
-        return torch.nn.functional.one_hot(ids, self.vocab_size).float() * 20
-
-    def new_state(self, batch, capacity):
-        return SimpleNamespace(lengths=torch.zeros(batch, dtype=torch.long), capacity=capacity)
-
-    def verify(self, state, tokens, tree_mask=None, depths=None):
-        pos = state.lengths[:, None] + torch.arange(tokens.shape[1])
-        return self._onehot(torch.tensor(self.script)[pos + 1])
-
-    def accept(self, state, keep, counts):
-        state.lengths = state.lengths + counts
-
-    def crop(self, state, lengths):
-        state.lengths = lengths.clone()
-
-    def draft(self, state, next_tokens, k, pick):
-        length = int(state.lengths[0])
-        ids = [(self.script[length + j] + (1 if self.wrong(length, j) else 0)) % 10 for j in range(1, k + 1)]
-        logits = self._onehot(torch.tensor(ids))[None]
-        return torch.stack([pick(logits[:, j], j) for j in range(k)], 1), logits
+# ----------------------------------------------------------------------------- scripted stub (conftest.RankedStub)
 
 
 SCRIPT = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9] * 4
 
 
-@pytest.mark.parametrize("wrong,tau,hist_at", [
-    (lambda n, j: False, 4.0, 3),      # all accepted: 3 drafts + bonus per pass
-    (lambda n, j: True, 1.0, 0),       # all rejected: the bonus only
-    (lambda n, j: j == 2, 2.0, 1),     # partial: first draft right, second wrong
+@pytest.mark.parametrize("rank,tau,hist_at", [
+    (lambda n, j: 0, 4.0, 3),                   # all accepted: 3 drafts + bonus per pass
+    (lambda n, j: 1, 1.0, 0),                   # all rejected: the bonus only
+    (lambda n, j: 1 if j == 2 else 0, 2.0, 1),  # partial: first draft right, second wrong
 ])
-def test_scripted_acceptance(wrong, tau, hist_at):
-    model = ScriptedModel(SCRIPT, wrong)
+def test_scripted_acceptance(rank, tau, hist_at):
+    model = RankedStub(SCRIPT, rank)
     out = generate(model, torch.tensor([[1, 2]]), 1 + 12, mode="spec")  # 1 from prefill + 12 in verify passes
     assert out.tokens[0] == SCRIPT[2:15]
     hist = out.stats.accepted_histogram
@@ -116,14 +83,14 @@ def test_scripted_acceptance(wrong, tau, hist_at):
 
 
 def test_eos_inside_an_accepted_block_stops_there():
-    model = ScriptedModel(SCRIPT)
+    model = RankedStub(SCRIPT)
     out = generate(model, torch.tensor([[1, 2]]), 50, mode="spec", eos_id=6)  # 6 is the 2nd token of a block
     assert out.tokens[0] == [3, 4, 5, 6]
     assert out.tokens == generate(model, torch.tensor([[1, 2]]), 50, eos_id=6).tokens
 
 
 def test_max_new_tokens_reached_mid_block():
-    model = ScriptedModel(SCRIPT)
+    model = RankedStub(SCRIPT)
     for max_new in range(0, 9):
         out = generate(model, torch.tensor([[1, 2]]), max_new, mode="spec")
         assert out.tokens[0] == SCRIPT[2:2 + max_new]

@@ -2,7 +2,6 @@
 greedy exactness against plain decoding, lossless tree sampling, the tree tuner."""
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from multitoken.tree import (
     parse_tree, path_nodes, resolve_tree, save_tree, static_step_tree, tree_preset, tune_tree, validate_tree,
     verify_cost_by_width,
 )
-from conftest import HEAD_TYPES, tiny_model
+from conftest import HEAD_TYPES, tiny_model, RankedStub
 
 HAND_TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
 
@@ -188,45 +187,7 @@ def test_build_tree_follows_expected_contribution():
         build_tree(acc, 0)
 
 
-# ----------------------------------------------------------------------------- a scripted stub
-
-
-class RankedStub:
-    """Base head emits script[pos + 1] at position pos (= committed length + depth), whatever
-    the content; head j at committed length L puts the true next token script[L + j] at
-    rank ``rank(L, j)`` of its logits. Lets tests dictate which tree path is right."""
-
-    vocab_size, n_future, max_seq_len = 10, 4, 1000
-
-    def __init__(self, script, rank=lambda length, j: 0):
-        self.script, self.rank = torch.tensor(script), rank
-
-    def new_state(self, batch, capacity):
-        return SimpleNamespace(lengths=torch.zeros(batch, dtype=torch.long), capacity=capacity)
-
-    def verify(self, state, tokens, tree_mask=None, depths=None):
-        depths = torch.arange(tokens.shape[1]) if depths is None else depths
-        pos = state.lengths[:, None] + depths
-        return torch.nn.functional.one_hot(self.script[pos + 1], self.vocab_size).float() * 20
-
-    def accept(self, state, keep, counts):
-        state.lengths = state.lengths + counts
-
-    def crop(self, state, lengths):
-        state.lengths = lengths.clone()
-
-    def draft(self, state, next_tokens, k, pick):
-        length = int(state.lengths[0])
-        rows = []
-        for j in range(1, k + 1):
-            true = int(self.script[length + j])
-            order = [t for t in range(self.vocab_size) if t != true]
-            order.insert(self.rank(length, j), true)
-            logits = torch.empty(self.vocab_size)
-            logits[torch.tensor(order)] = -torch.arange(self.vocab_size, dtype=torch.float)
-            rows.append(logits)
-        logits = torch.stack(rows)[None]
-        return torch.stack([pick(logits[:, j], j) for j in range(k)], 1), logits
+# ----------------------------------------------------------------------------- a scripted stub (conftest.RankedStub)
 
 
 SCRIPT = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0] * 6
