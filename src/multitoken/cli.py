@@ -302,7 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         return _run_training(trainer, config, args, out)
     finally:
-        trainer.close()
+        trainer.shutdown()  # leaves the process group under torchrun
 
 
 def _run_training(trainer, config, args: argparse.Namespace, out: Path) -> int:

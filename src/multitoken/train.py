@@ -7,9 +7,10 @@ whose data is a pure function of the step number (``data.batch_indices``), so a 
 only the step to resume exactly; it logs to ``metrics.jsonl`` (and TensorBoard when installed),
 validates every ``eval_every`` steps and checkpoints atomically every ``checkpoint_every``.
 
-Distributed training is not done here: the trainer keeps ``rank``/``world_size`` (plumbed into
-the data order) and calls the model through ``self.train_model``, which a wrapper (DDP, FSDP)
-can replace while ``self.model`` stays the plain module that checkpoints save.
+Distributed training (``parallel="ddp"|"fsdp"`` under torchrun) is delegated to
+``distributed.py``, imported only when ``parallel`` is set: it wraps the model, runs the step's
+backward passes without gradient communication and synchronises gradients once per optimizer
+step; rank 0 alone logs and writes consolidated checkpoints (loadable in one process).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import (
+    CHECKPOINT,
     CheckpointError,
     CheckpointNotFoundError,
     find_checkpoint,
@@ -514,16 +516,33 @@ class MTPTrainer:
 
     def __init__(self, model: MTPModel, config: TrainConfig, train_data=None, val_data=None,
                  tokenizer: Tokenizer | None = None, out_dir: str | os.PathLike | None = None, *,
-                 rank: int = 0, world_size: int = 1, progress: bool = True):
+                 rank: int = 0, world_size: int = 1, progress: bool = True,
+                 parallel: str | None = None, dist_env: Any = None):
+        # --- distributed (multitoken.distributed): rank/world/device come from torchrun's env
+        self.parallel = None  # a distributed.ParallelModel (ddp | fsdp) or None
+        self._owns_process_group = False
+        if parallel is not None:
+            from .distributed import init_distributed
+
+            if dist_env is None:
+                dist_env, self._owns_process_group = init_distributed(config.device), True
+            rank, world_size = dist_env.rank, dist_env.world_size
         self.config = config
         self.rank, self.world_size = rank, world_size
-        self.device = resolve_device(config.device)
+        self.device = dist_env.device if dist_env is not None else resolve_device(config.device)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.amp_dtype = resolve_dtype(config.dtype, self.device)
         self.model = model.to(self.device)
+        if parallel is not None:
+            from .distributed import wrap_model
+
+            # Before the optimizer: FSDP2 replaces the parameters by sharded ones.
+            self.parallel = wrap_model(self.model, parallel, dist_env, one_backward=not config.memory_efficient)
         # What train_step calls. A distributed wrapper replaces this; checkpoints save self.model.
         self.train_model = _CompiledModel(self.model) if config.compile else self.model
+        if self.parallel is not None:
+            self.train_model = self.parallel.train_model(self.train_model)
         self.loss_fn = MTPLoss(model.cfg.n_future, config.weighting, config.aux_weight, config.head_weights)
         self.tokenizer = tokenizer
         self.train_data, self.val_data = train_data, val_data
@@ -542,7 +561,6 @@ class MTPTrainer:
                           if config.memory_efficient else naive_backward)
         self._stop_signal: int | None = None
         self._tb = None
-        self.parallel = None  # a data-parallel wrapper (distributed training), when there is one
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -551,12 +569,16 @@ class MTPTrainer:
                     parallel: str | None = None) -> "MTPTrainer":
         """Tokenizer + corpus + model for ``config``; with ``resume`` restore the checkpoint in
         ``out_dir``. Nothing is written to ``out_dir`` here (bad input leaves it untouched).
-
-        ``parallel`` (ddp | fsdp) is the hook for data-parallel training, not wired in yet."""
+        ``parallel`` (ddp | fsdp): join torchrun's process group (rank/world from its env)."""
         from .data import PackedDataset, build_token_store
 
+        env = None
         if parallel is not None:
-            raise ValueError(f"parallel={parallel!r}: data-parallel training is not wired into the trainer yet")
+            from .distributed import barrier, broadcast_object, init_distributed
+
+            env = init_distributed(config.device)
+            rank, world_size = env.rank, env.world_size
+            progress = progress and rank == 0
         out_dir = Path(out_dir)
         ckpt = find_checkpoint(out_dir)
         if resume:
@@ -569,7 +591,9 @@ class MTPTrainer:
             if ckpt is not None:
                 raise CheckpointError(f"{out_dir} already holds a checkpoint; pass --resume to continue it "
                                       "or choose another --out")
-            tokenizer = build_tokenizer(config, progress)
+            tokenizer = build_tokenizer(config, progress) if rank == 0 or env is None else None
+            if env is not None:
+                tokenizer = broadcast_object(tokenizer)  # one BPE for all ranks
         model_cfg = config.model_config(tokenizer.vocab_size)
         if resume:
             saved_cfg = load_model_config(ckpt)
@@ -578,14 +602,19 @@ class MTPTrainer:
             if diffs:
                 raise CheckpointError(f"cannot resume {ckpt}: the model config differs ({'; '.join(diffs)})")
         kw = dict(val_fraction=config.val_fraction, progress=progress, max_docs=config.max_docs)
+        if env is not None and rank != 0:
+            barrier()  # rank 0 tokenises into the cache first; the others then read it
         train = PackedDataset(build_token_store(config.data, tokenizer, "train", **kw), config.seq_len)
         val = None
         if config.val_fraction > 0:
             val = PackedDataset(build_token_store(config.data, tokenizer, "val", **kw), config.seq_len)
+        if env is not None and rank == 0:
+            barrier()
         torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
         model = MTPModel(model_cfg)
         trainer = cls(model, config, train, val, tokenizer, out_dir, rank=rank, world_size=world_size,
-                      progress=progress)
+                      progress=progress, parallel=parallel, dist_env=env)
+        trainer._owns_process_group = env is not None
         trainer._check_data()
         if resume:
             trainer.load_checkpoint(ckpt)
@@ -642,20 +671,30 @@ class MTPTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         totals: dict[str, Tensor] = {}
         n_tokens = 0
-        for tokens, doc_ids in micro:
-            tokens = tokens.to(self.device, non_blocking=True)
-            doc_ids = doc_ids.to(self.device, non_blocking=True) if doc_ids is not None else None
-            n_tokens += tokens.numel()
-            with self._autocast():
-                out = self._backward(self.train_model, self.loss_fn, tokens, doc_ids, scale=1.0 / len(micro))
-            for k in ("loss", "primary", "auxiliary", "head_losses", "head_accuracy"):
-                totals[k] = totals.get(k, 0) + out[k].detach().float() / len(micro)
+        par = self.parallel
+        # Distributed: no gradient communication inside the step (see distributed.py) ...
+        with par.step_context() if par is not None else contextlib.nullcontext():
+            for j, (tokens, doc_ids) in enumerate(micro):
+                tokens = tokens.to(self.device, non_blocking=True)
+                doc_ids = doc_ids.to(self.device, non_blocking=True) if doc_ids is not None else None
+                n_tokens += tokens.numel()
+                last = j == len(micro) - 1
+                with self._autocast(), par.micro_batch(last) if par is not None else contextlib.nullcontext():
+                    out = self._backward(self.train_model, self.loss_fn, tokens, doc_ids, scale=1.0 / len(micro))
+                for k in ("loss", "primary", "auxiliary", "head_losses", "head_accuracy"):
+                    totals[k] = totals.get(k, 0) + out[k].detach().float() / len(micro)
+        if par is not None:
+            from .distributed import all_reduce_mean_dict
+
+            par.sync_gradients()  # ... and one synchronisation per optimizer step
+            totals = all_reduce_mean_dict(totals)  # every rank logs and checks the global means
         loss = float(totals["loss"])
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(f"loss is {loss} at step {self.step + 1}")
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = (float(par.clip_grad_norm_(max_norm)) if par is not None
+                     else float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(f"gradient norm is {grad_norm} at step {self.step + 1}")
@@ -711,7 +750,10 @@ class MTPTrainer:
                     count[i] += c.cpu()
                     correct[i] += r.cpu()
         self.model.train(was_training)
-        # (A distributed wrapper all-reduces ce / count / correct here.)
+        if self.parallel is not None:
+            from .distributed import all_reduce_sum
+
+            ce, count, correct = all_reduce_sum(ce), all_reduce_sum(count), all_reduce_sum(correct)
         out = self.loss_fn.combine(ce, count, correct)
         return {
             "split": "val", "step": self.step, "tokens": self.tokens_seen,
@@ -725,27 +767,59 @@ class MTPTrainer:
         """Everything but the weights: loadable with ``torch.load(weights_only=True)``."""
         return {
             "step": self.step, "tokens_seen": self.tokens_seen,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            # Distributed: consolidated on rank 0 in single-process layout (a collective).
+            "optimizer": (self.optimizer.state_dict() if self.parallel is None
+                          else self.parallel.optimizer_state_dict(self.optimizer)),
+            "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(),
             # The data position is the step (data.batch_indices is a pure function of it).
             "data": {"step": self.step, "seed": self.config.seed, "world_size": self.world_size},
         }
 
     def save_checkpoint(self) -> Path:
+        """Write the checkpoint. Distributed: every rank must call it (the weights and optimizer
+        state are gathered), rank 0 alone writes."""
         if self.out_dir is None or self.tokenizer is None:
             raise ValueError("save_checkpoint needs out_dir and tokenizer")
+        model = self.model
+        if self.parallel is not None and self.parallel.kind == "fsdp":
+            full = self.parallel.full_state_dict()  # full CPU tensors on rank 0, {} elsewhere
+            if self.rank == 0:
+                model = MTPModel(self.model.cfg)
+                model.load_state_dict(full)
+        state = self.state_dict()
+        if self.rank != 0:
+            self.last_checkpoint = self.out_dir / CHECKPOINT
+            return self.last_checkpoint
         self.last_checkpoint = save_checkpoint(
-            self.out_dir, self.model, self.tokenizer, train_config=self.config.to_dict(),
-            trainer_state=self.state_dict(), eval_metrics=self.last_eval)
+            self.out_dir, model, self.tokenizer, train_config=self.config.to_dict(),
+            trainer_state=state, eval_metrics=self.last_eval)
         return self.last_checkpoint
+
+    def shutdown(self) -> None:
+        """``close()``, then leave the process group this trainer joined (no-op in one process)."""
+        self.close()
+        if self._owns_process_group:
+            from .distributed import destroy
+
+            destroy()
+            self._owns_process_group = False
 
     def load_checkpoint(self, ckpt: str | os.PathLike) -> None:
         """Restore weights, optimizer, scheduler, step, RNG from a checkpoint directory."""
         ckpt = Path(ckpt)
         state = load_trainer_state(ckpt)
-        load_weights(self.model, ckpt / WEIGHTS)
+        if self.parallel is not None and self.parallel.kind == "fsdp":
+            plain = MTPModel(self.model.cfg)  # checked and loaded whole, then sharded
+            load_weights(plain, ckpt / WEIGHTS)
+            self.parallel.load_full_state_dict(plain.state_dict())
+        else:
+            load_weights(self.model, ckpt / WEIGHTS)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.parallel is not None:
+                self.parallel.load_optimizer_state_dict(self.optimizer, state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"optimizer state in {ckpt} does not match the model: {e}") from None
@@ -893,7 +967,12 @@ class MTPTrainer:
                             bar.write(f"step {step}: val loss {self.last_eval['loss']:.4f}, head acc "
                                       + " ".join(f"{a:.1%}" for a in self.last_eval["head_accuracy"]))
                     stop = self._stop_signal is not None
-                    if self.out_dir is not None and self.rank == 0 and (
+                    if self.parallel is not None:
+                        from .distributed import any_rank
+
+                        stop = any_rank(stop)  # all ranks stop after the same step
+                    # Distributed: every rank takes part in gathering the checkpoint; rank 0 writes.
+                    if self.out_dir is not None and (self.rank == 0 or self.parallel is not None) and (
                             last or stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
                         self.save_checkpoint()
                     if stop:
@@ -921,9 +1000,13 @@ def check_resume_compatible(saved: dict, config: TrainConfig, ckpt: Path) -> Non
 
 
 def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
-          progress: bool = True) -> dict[str, Any]:
-    """Build a trainer from ``config`` and run ``fit``."""
-    return MTPTrainer.from_config(config, out_dir, resume=resume, progress=progress).fit()
+          progress: bool = True, parallel: str | None = None) -> dict[str, Any]:
+    """Build a trainer from ``config`` and run ``fit`` (``parallel``: ddp | fsdp under torchrun)."""
+    trainer = MTPTrainer.from_config(config, out_dir, resume=resume, progress=progress, parallel=parallel)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.shutdown()
 
 
 def train_demo_model(out_dir: str | os.PathLike, *, steps: int | None = None, device: str = "auto",
