@@ -460,6 +460,28 @@ def all_reduce_mean_dict(values: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def main_first(fn, *, share: bool = False) -> Any:
+    """Run ``fn()`` on rank 0 first, then on the other ranks (e.g. to fill a shared cache once);
+    with ``share`` the others receive rank 0's result instead of running ``fn`` (it must pickle).
+    If ``fn`` fails on rank 0, the other ranks raise a one-line :class:`DistributedError`
+    instead of waiting in a collective for a peer that is gone."""
+    if get_world_size() == 1:
+        return fn()
+    if is_main():
+        try:
+            result = fn()
+        except BaseException as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            broadcast_object(("error", text))
+            raise
+        broadcast_object(("ok", result if share else None))
+        return result
+    status, payload = broadcast_object(None)
+    if status == "error":
+        raise DistributedError(f"rank 0 failed: {payload}")
+    return payload if share else fn()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` of rank ``src`` on every rank (pickled)."""
     if get_world_size() == 1:

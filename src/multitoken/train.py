@@ -574,7 +574,7 @@ class MTPTrainer:
 
         env = None
         if parallel is not None:
-            from .distributed import barrier, broadcast_object, init_distributed
+            from .distributed import init_distributed, main_first
 
             env = init_distributed(config.device)
             rank, world_size = env.rank, env.world_size
@@ -591,9 +591,10 @@ class MTPTrainer:
             if ckpt is not None:
                 raise CheckpointError(f"{out_dir} already holds a checkpoint; pass --resume to continue it "
                                       "or choose another --out")
-            tokenizer = build_tokenizer(config, progress) if rank == 0 or env is None else None
-            if env is not None:
-                tokenizer = broadcast_object(tokenizer)  # one BPE for all ranks
+            if env is None:
+                tokenizer = build_tokenizer(config, progress)
+            else:  # one BPE for all ranks: rank 0's
+                tokenizer = main_first(lambda: build_tokenizer(config, progress), share=True)
         model_cfg = config.model_config(tokenizer.vocab_size)
         if resume:
             saved_cfg = load_model_config(ckpt)
@@ -602,14 +603,16 @@ class MTPTrainer:
             if diffs:
                 raise CheckpointError(f"cannot resume {ckpt}: the model config differs ({'; '.join(diffs)})")
         kw = dict(val_fraction=config.val_fraction, progress=progress, max_docs=config.max_docs)
-        if env is not None and rank != 0:
-            barrier()  # rank 0 tokenises into the cache first; the others then read it
-        train = PackedDataset(build_token_store(config.data, tokenizer, "train", **kw), config.seq_len)
-        val = None
-        if config.val_fraction > 0:
-            val = PackedDataset(build_token_store(config.data, tokenizer, "val", **kw), config.seq_len)
-        if env is not None and rank == 0:
-            barrier()
+
+        def datasets():
+            train = PackedDataset(build_token_store(config.data, tokenizer, "train", **kw), config.seq_len)
+            val = None
+            if config.val_fraction > 0:
+                val = PackedDataset(build_token_store(config.data, tokenizer, "val", **kw), config.seq_len)
+            return train, val
+
+        # Distributed: rank 0 tokenises into the cache first, the others then read it.
+        train, val = datasets() if env is None else main_first(datasets)
         torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
         model = MTPModel(model_cfg)
         trainer = cls(model, config, train, val, tokenizer, out_dir, rank=rank, world_size=world_size,
