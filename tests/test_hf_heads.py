@@ -13,7 +13,12 @@ def tiny_llama(seed=0, vocab=64):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).eval()
+    # No EOS: base.generate must run its full length on pure argmax (min_new_tokens would
+    # suppress EOS and emit a non-argmax token instead).
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
 
 
 def wrapped(base, head_type, n_future=4, std=0.3):
@@ -31,7 +36,8 @@ def test_greedy_modes_equal_base_generate(head_type):
     accepted = 0
     for seed in range(3):
         prompt = torch.randint(0, 16, (1, 5 + seed), generator=torch.Generator().manual_seed(seed))
-        ref = base.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, prompt.shape[1]:].tolist()
+        ref = base.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.shape[1]:].tolist()
+        assert len(ref) == 24
         for mode in ("ar", "spec", "tree"):
             out = generate(model, prompt, 24, mode=mode)
             assert out.tokens[0] == ref, (mode, seed)

@@ -134,7 +134,7 @@ def test_presets_and_example_file_are_valid():
         cfg = build_config(name)
         cfg.model_config(257)
     small = build_config("small").model_config(257)
-    assert (small.n_future, small.head_type, small.vocab_size) == (4, "residual", 257)
+    assert (small.n_future, small.head_type, small.vocab_size) == (4, "sequential", 257)
     for f in sorted((ROOT / "configs").glob("*.yaml")):
         build_config(None, f)
 

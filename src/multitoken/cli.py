@@ -395,7 +395,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train the small preset on the stdlib sources and show what the heads learned",
-                       description="Train the `small` preset (byte-level, 4 residual heads) on the Python standard "
+                       description="Train the `small` preset (byte-level, 3 sequential draft heads) on the Python standard "
                                    "library sources into OUT/model (reused if already trained, resumed if "
                                    "interrupted) and print per-head validation loss and accuracy.")
     p.add_argument("--out", metavar="DIR", default="runs/demo", help="demo directory (default runs/demo)")
