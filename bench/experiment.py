@@ -84,7 +84,10 @@ def write_results(results: list[dict], path: Path, args) -> None:
     for r in results:
         for png in sorted((path.parent / "img" / r["slug"]).glob("*.png")):
             lines.append(f"![{r['name']}: {png.stem}](img/{r['slug']}/{png.name})")
-    path.write_text("\n".join(lines) + "\n")
+    # Hand-written findings above the marker survive a rerun; everything below is regenerated.
+    marker = "<!-- generated: bench/experiment.py -->"
+    head = path.read_text().split(marker)[0] if path.exists() and marker in path.read_text() else ""
+    path.write_text(head + marker + "\n\n" + "\n".join(lines) + "\n")
     print(path.read_text())
 
 
