@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .config import MTPConfig
 from .heads import CommittedSequence, HeadsDecodeState, MTPHeads
 from .layers import Block, KVCache, PassContext, RMSNorm, RotaryEmbedding, causal_context
-from .protocol import DraftPicker
+from .protocol import ConfigDecoderAttributes, DraftPicker
 
 
 @dataclass
@@ -45,7 +45,7 @@ def check_token_ids(tokens: Tensor, vocab_size: int) -> None:
         raise ValueError(f"token id {bad} is out of range for vocab_size={vocab_size}")
 
 
-class MTPModel(nn.Module):
+class MTPModel(ConfigDecoderAttributes, nn.Module):
     """Shared trunk + ``n_future`` heads. Head 0 is the trunk's next-token head.
 
     ``model(tokens)`` with tokens (B, T) returns logits (B, T, n_future, V); head i at
@@ -73,19 +73,6 @@ class MTPModel(nn.Module):
                 # GPT-2 style: residual output projections scaled down with depth.
                 scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
                 nn.init.normal_(p, std=std * scale)
-
-    # protocol attributes
-    @property
-    def vocab_size(self) -> int:
-        return self.cfg.vocab_size
-
-    @property
-    def n_future(self) -> int:
-        return self.cfg.n_future
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.cfg.max_seq_len
 
     def num_parameters(self) -> dict[str, int]:
         """Unique parameter counts of the trunk and of heads 1..n-1."""

@@ -75,6 +75,18 @@ class MTPDecoderModel(Protocol):
         ...
 
 
-def causal_tree_mask(width: int, device: torch.device | None = None) -> Tensor:
-    """(W, W) bool lower-triangular mask: the chain special case of a tree mask."""
-    return torch.ones(width, width, dtype=torch.bool, device=device).tril()
+class ConfigDecoderAttributes:
+    """The protocol's ``vocab_size`` / ``n_future`` / ``max_seq_len``, read from ``self.cfg``
+    (an MTPConfig) — shared by the native model and the Hugging Face wrapper."""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def n_future(self) -> int:
+        return self.cfg.n_future
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.max_seq_len
