@@ -59,6 +59,30 @@ class HFDecodeState:
         return self.seq.lengths
 
 
+class DraftVocabHead(nn.Module):
+    """The shared ``lm_head`` restricted to a draft vocabulary, scattered back to the full one.
+
+    Drafting computes logits over N draft ids only (a (N, d) slice of the (V, d) weight, copied
+    contiguously once); the result is a full (..., V) tensor with -inf outside the draft ids, so
+    the decode protocol, verification and acceptance stay exact and unchanged.
+    """
+
+    def __init__(self, weight: Tensor, ids: Tensor):
+        super().__init__()
+        self.vocab_size = weight.shape[0]
+        self.register_buffer("ids", ids.to(device=weight.device, dtype=torch.long), persistent=False)
+        self.register_buffer("weight_t", weight.detach()[self.ids].T.contiguous(), persistent=False)  # (d, N)
+
+    def draft_logits(self, g: Tensor) -> Tensor:
+        """(..., d) -> (..., N) logits over the draft ids."""
+        return g @ self.weight_t
+
+    def forward(self, g: Tensor) -> Tensor:
+        small = self.draft_logits(g)  # (..., N)
+        full = torch.full((*small.shape[:-1], self.vocab_size), float("-inf"), dtype=small.dtype, device=small.device)
+        return full.index_copy_(-1, self.ids, small)
+
+
 class MTPHeadsForCausalLM(nn.Module):
     """A frozen HF causal LM + trainable MTP heads. Head 0 is the base's own head."""
 
@@ -76,6 +100,30 @@ class MTPHeadsForCausalLM(nn.Module):
         self.heads.to(device=self._device(), dtype=self._dtype())
         params = inspect.signature(type(self.base.model).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.draft_head: DraftVocabHead | None = None  # set_draft_vocab: drafts over N ids only
+
+    # ----------------------------------------------------------------- draft vocabulary
+    @property
+    def draft_ids(self) -> Tensor | None:
+        """(N,) long ids of the draft vocabulary, or None (drafts over the full vocabulary)."""
+        return None if self.draft_head is None else self.draft_head.ids
+
+    def set_draft_vocab(self, ids) -> None:
+        """Draft only over ``ids`` (sorted unique token ids; None = the full vocabulary).
+
+        Needs heads that share the base's ``lm_head`` (residual, sequential). Verification
+        still scores the full vocabulary, so greedy output is unchanged; only drafts outside
+        the draft vocabulary become impossible.
+        """
+        if ids is None:
+            self.draft_head = None
+            return
+        if self.heads.out is not None:
+            raise ValueError("a draft vocabulary needs heads that share the base's lm_head (residual, sequential)")
+        ids = torch.as_tensor(ids, dtype=torch.long).unique()  # sorted
+        if len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
+            raise ValueError(f"draft vocabulary ids must be in [0, {self.cfg.vocab_size}) and not empty")
+        self.draft_head = DraftVocabHead(self.lm_head.weight, ids)
 
     def _device(self):
         return self.base.get_output_embeddings().weight.device
@@ -140,6 +188,10 @@ class MTPHeadsForCausalLM(nn.Module):
         length, width = int(state.lengths[0]), tokens.shape[1]
         if depths is None:
             depths = torch.arange(width, device=tokens.device)
+        if state.cache.get_seq_length() > length:
+            # A previous verify was never accepted (e.g. timing repeated verifies): the HF cache
+            # appended its block anyway, so drop it to keep "nothing is committed until accept".
+            self._keep_cache(state, torch.arange(length, device=tokens.device))
         positions = (length + depths.reshape(-1, width)[:1]).to(tokens.device)  # (1, W)
         kwargs = {self._cache_kw: state.cache, "position_ids": positions, "use_cache": True}
         if tree_mask is not None:
@@ -176,8 +228,8 @@ class MTPHeadsForCausalLM(nn.Module):
               pick: DraftPicker) -> tuple[Tensor, Tensor]:
         if not 0 <= num_draft <= self.cfg.n_future - 1:
             raise ValueError(f"num_draft={num_draft} but the heads have {self.cfg.n_future - 1} draft heads")
-        return self.heads.draft(state.heads, state.seq, next_tokens, num_draft, pick, self.lm_head, self.embed,
-                                self.rope)
+        head = self.lm_head if self.draft_head is None else self.draft_head
+        return self.heads.draft(state.heads, state.seq, next_tokens, num_draft, pick, head, self.embed, self.rope)
 
     # ----------------------------------------------------------------- heads on disk
     def save_heads(self, out_dir: str | Path, extra: dict | None = None) -> Path:
@@ -189,6 +241,8 @@ class MTPHeadsForCausalLM(nn.Module):
         save_file({k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}, str(tmp))
         tmp.replace(out / HEADS_WEIGHTS)
         meta = {"heads": self.cfg.to_dict(), "base": self.identity, **(extra or {})}
+        if self.draft_ids is not None:
+            meta["draft_vocab"] = self.draft_ids.tolist()
         tmp = out / (HEADS_CONFIG + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
         tmp.replace(out / HEADS_CONFIG)
@@ -222,6 +276,11 @@ class MTPHeadsForCausalLM(nn.Module):
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"corrupt {heads_dir / HEADS_WEIGHTS}: {str(e).splitlines()[0]}") from None
         model.heads.load_state_dict(state)
+        if meta.get("draft_vocab") is not None:
+            try:
+                model.set_draft_vocab(meta["draft_vocab"])
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise ValueError(f"corrupt draft_vocab in {heads_dir / HEADS_CONFIG}: {e}") from None
         return model
 
 

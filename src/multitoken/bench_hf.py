@@ -1,0 +1,159 @@
+"""Decoding benchmark on a Hugging Face base with MTP heads, side by side with HF's own decoders.
+
+One process, prompts interleaved (every decoder runs prompt i before any runs prompt i+1, so
+machine noise hits all alike), greedy, the same ``max_new_tokens``, EOS stops. Rows, per prompt
+group (code / prose): HF ``generate`` greedy (the reference for speed-up and identity), HF
+prompt-lookup decoding (``prompt_lookup_num_tokens``), multitoken plain (``ar``), chain
+(``spec``) and tree decoding through :class:`~multitoken.hf_heads.MTPHeadsForCausalLM`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .generate import generate
+
+DECODERS = ("hf", "hf_pld", "ar", "spec", "tree")
+LABELS = {"hf": "HF generate greedy", "hf_pld": "HF prompt lookup", "ar": "multitoken plain",
+          "spec": "multitoken chain", "tree": "multitoken tree"}
+CODE_INSTRUCTION = "Continue this Python code:\n\n```python\n{code}```"
+
+
+def code_snippets(tokenizer, n: int, snippet_tokens: int = 96, val_fraction: float = 0.05) -> list[str]:
+    """``n`` code snippets from the stdlib's validation split (files the heads never saw), each
+    about ``snippet_tokens`` tokens cut at whole lines, from a hash-chosen start line."""
+    from .data import iter_documents, split_of
+    out = []
+    for doc in iter_documents(None):
+        if split_of(doc.name, val_fraction) != "val" or len(doc.text) < 8 * snippet_tokens:
+            continue
+        lines = doc.text.splitlines(keepends=True)
+        start = int(hashlib.sha256(doc.name.encode()).hexdigest()[:8], 16) % max(1, len(lines) // 2)
+        text, count = "", 0
+        for line in lines[start:]:
+            count += len(tokenizer.encode(line, add_special_tokens=False))
+            if count > snippet_tokens:
+                break
+            text += line
+        if text.strip() and count > snippet_tokens // 2:
+            out.append(text)
+        if len(out) == n:
+            break
+    return out
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per non-empty line (``\\n`` escapes allowed), ``#`` lines are comments."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [ln.replace("\\n", "\n") for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    from .pretrained import apply_chat_template_or_fail
+    return tokenizer.encode(apply_chat_template_or_fail(tokenizer, text), add_special_tokens=False)
+
+
+def _hf_generate(base, ids: torch.Tensor, max_new: int, eos: int | None, pld: int | None):
+    kw = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=eos if eos is not None else 0)
+    if pld:
+        kw["prompt_lookup_num_tokens"] = pld
+    start = time.perf_counter()
+    out = base.generate(ids, **kw)
+    return out[0, ids.shape[1]:].tolist(), time.perf_counter() - start
+
+
+def bench_hf_decode(model, tokenizer, prompts: Sequence[tuple[str, Sequence[int]]], max_new_tokens: int = 128,
+                    decoders: Sequence[str] = DECODERS, num_draft: int | None = None, tree=None,
+                    pld_tokens: int = 10, progress: bool = True, partial: str | Path | None = None) -> dict:
+    """prompts: (group, token ids) pairs. Returns {"rows": [...], "per_prompt": [...]}: one row per
+    (group, decoder) plus an "all" group; speed-up and identity are against HF greedy."""
+    from tqdm import tqdm
+
+    eos = tokenizer.eos_token_id
+    decoders = ["hf"] + [d for d in decoders if d != "hf"]
+    warm = torch.tensor([list(prompts[0][1])])
+    for d in decoders:  # first-call allocations must not count
+        _run(model, d, warm, 4, eos, num_draft, tree, pld_tokens)
+    per_prompt = []
+    for group, ids in tqdm(prompts, desc="bench hf decode", disable=not progress):
+        x = torch.tensor([list(ids)])
+        rec = {"group": group, "prompt_tokens": len(ids)}
+        ref = None
+        for d in decoders:
+            tokens, wall, stats = _run(model, d, x, max_new_tokens, eos, num_draft, tree, pld_tokens)
+            ref = tokens if d == "hf" else ref
+            rec[d] = {"tokens": len(tokens), "wall_s": wall, "identical": tokens == ref, **stats}
+        per_prompt.append(rec)
+        if partial is not None:  # an interrupted run keeps the prompts it finished
+            Path(partial).write_text(json.dumps(summarize(per_prompt, decoders, max_new_tokens, pld_tokens)))
+    return summarize(per_prompt, decoders, max_new_tokens, pld_tokens)
+
+
+def summarize(per_prompt: list[dict], decoders: Sequence[str], max_new_tokens: int, pld_tokens: int) -> dict:
+    """Rows per (group, decoder) from per-prompt results, plus the pooled "all" group."""
+    rows = []
+    for group in sorted({p["group"] for p in per_prompt}) + ["all"]:
+        recs = [p for p in per_prompt if group in ("all", p["group"])]
+        hf_tps = sum(r["hf"]["tokens"] for r in recs) / sum(r["hf"]["wall_s"] for r in recs)
+        for d in decoders:
+            tokens = sum(r[d]["tokens"] for r in recs)
+            wall = sum(r[d]["wall_s"] for r in recs)
+            row = {"group": group, "decoder": d, "label": LABELS[d], "prompts": len(recs),
+                   "new_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                   "speedup": tokens / wall / hf_tps, "identical": all(r[d]["identical"] for r in recs),
+                   "identical_prompts": sum(r[d]["identical"] for r in recs)}
+            if d in ("ar", "spec", "tree"):
+                passes = sum(r[d]["passes"] for r in recs)
+                # tokens per decode pass: the prefill pass emits each prompt's first token
+                row["tau"] = (tokens - len(recs)) / max(1, passes - len(recs))
+                acc = [sum(x) for x in zip(*[r[d]["accepted"] for r in recs])] if d != "ar" else []
+                att = [sum(x) for x in zip(*[r[d]["attempted"] for r in recs])] if d != "ar" else []
+                row["acceptance_rates"] = [a / b if b else 0.0 for a, b in zip(acc, att)]
+                if d == "tree":
+                    row["tree_nodes_per_step"] = sum(r[d]["nodes"] for r in recs) / max(1, passes)
+            rows.append(row)
+    return {"rows": rows, "per_prompt": per_prompt, "max_new_tokens": max_new_tokens, "pld_tokens": pld_tokens}
+
+
+def _run(model, decoder: str, x: torch.Tensor, max_new: int, eos, num_draft, tree, pld: int):
+    if decoder in ("hf", "hf_pld"):
+        tokens, wall = _hf_generate(model.base, x, max_new, eos, pld if decoder == "hf_pld" else None)
+        return tokens, wall, {}
+    kw = {"num_draft": num_draft} if decoder in ("spec", "tree") else {}
+    if decoder == "tree":
+        kw["tree"] = tree
+    out = generate(model, x, max_new, mode=decoder, eos_id=eos, **kw)
+    s = out.stats
+    hist = s.accepted_histogram or []
+    att = [sum(hist[i:]) for i in range(len(hist) - 1)]
+    acc = [sum(hist[i + 1:]) for i in range(len(hist) - 1)]
+    return out.tokens[0], s.wall_s, {"passes": s.forward_passes, "accepted": acc, "attempted": att,
+                                     "nodes": s.tree_nodes_per_step * s.forward_passes}
+
+
+def markdown(result: dict, title: str, machine: str, verify: list[dict] | None = None) -> str:
+    lines = [f"### {title}", "", f"{machine}; {time.strftime('%Y-%m-%d')}; greedy, "
+             f"{result['max_new_tokens']} new tokens max (EOS stops), chat template applied; "
+             f"prompt lookup with prompt_lookup_num_tokens={result['pld_tokens']}", ""]
+    for group in dict.fromkeys(r["group"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["group"] == group]
+        lines += [f"**{group}** ({rows[0]['prompts']} prompts)", "",
+                  "| decoder | τ | acceptance per draft position | tokens/s | speed-up vs HF greedy | identical |",
+                  "|---|---|---|---|---|---|"]
+        for r in rows:
+            tau = f"{r['tau']:.2f}" if "tau" in r else "–"
+            acc = " / ".join(f"{a:.2f}" for a in r.get("acceptance_rates", [])) or "–"
+            ident = "yes" if r["identical"] else f"no ({r['identical_prompts']}/{r['prompts']})"
+            lines.append(f"| {r['label']} | {tau} | {acc} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}× | {ident} |")
+        lines.append("")
+    if verify:
+        lines += ["Verify cost (one forward over W new tokens on a 128-token prefix, base + lm_head):", "",
+                  "| W | seconds (median) | × W=1 |", "|---|---|---|"]
+        lines += [f"| {v['width']} | {v['seconds']:.3f} | {v['relative']:.2f} |" for v in verify]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""Head training on a hidden-state cache of a tiny random HF Llama (no network, seconds)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from multitoken.generate import generate  # noqa: E402
+from multitoken.heads_train import (  # noqa: E402
+    IGNORE, HeadsTrainConfig, HeadsTrainError, draft_vocab_from_cache, draft_vocab_from_counts, evaluate_heads,
+    head_targets, split_rows, train_heads, training_texts, vocab_index)
+from multitoken.hf_heads import DraftVocabHead, MTPHeadsForCausalLM  # noqa: E402
+from multitoken.pretrained import build_hidden_cache  # noqa: E402
+
+WORDS = ("def return if else for in while import class self x y z n i print true false none "
+         "the a of to and is it that this with as be on at by from or an are was not").split()
+# Repetitive texts: a pattern the heads can learn within a few steps.
+TEXTS = [" ".join(WORDS[(3 * i + j) % 12] for j in range(60)) for i in range(24)]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def make_model(seed: int = 0, vocab: int = 64, eos: int | None = 1) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=eos, bos_token_id=None, pad_token_id=None)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    model, tok = make_model(), make_tokenizer()
+    path = tmp_path_factory.mktemp("hc") / "cache"
+    return model, tok, build_hidden_cache(model, tok, TEXTS, path, seq_len=32, batch_size=8, progress=False)
+
+
+def test_head_targets_corpus_and_distill():
+    tokens = torch.tensor([[10, 11, 12, 13]])
+    greedy = torch.tensor([[20, 21, 22, 23]])
+    corpus = head_targets(tokens, greedy, 3, "corpus")
+    assert corpus[0].tolist() == [[11, 12, 13, IGNORE]]
+    assert corpus[2].tolist() == [[13, IGNORE, IGNORE, IGNORE]]
+    distill = head_targets(tokens, greedy, 3, "distill")
+    assert distill[0].tolist() == [[20, 21, 22, 23]]  # the base's own next token: head 0 is always right
+    assert distill[2].tolist() == [[22, 23, IGNORE, IGNORE]]  # head i at t -> greedy[t+i]
+    with pytest.raises(HeadsTrainError, match="targets"):
+        head_targets(tokens, greedy, 3, "teacher")
+
+
+def test_draft_vocab_mapping(cache):
+    counts = np.array([5, 0, 9, 9, 1, 7])
+    assert draft_vocab_from_counts(counts, 3).tolist() == [2, 3, 5]  # most frequent, ties by lower id
+    assert draft_vocab_from_counts(counts, 3, always=[1]).tolist() == [1, 2, 3]
+    index = vocab_index(torch.tensor([2, 3, 5]), 6)
+    assert index.tolist() == [IGNORE, IGNORE, 0, 1, IGNORE, 2]
+    _, _, c = cache
+    ids, coverage = draft_vocab_from_cache(c, 8)
+    greedy = np.asarray(c.greedy)
+    assert len(ids) == 8 and coverage == pytest.approx(np.isin(greedy, ids).mean())
+    # the decoding head: logits over the draft ids, -inf elsewhere, equal to the full head there
+    w = torch.randn(16, 4)
+    head = DraftVocabHead(w, torch.tensor([1, 4, 9]))
+    g = torch.randn(2, 4)
+    full = head(g)
+    assert full.shape == (2, 16) and torch.isinf(full[:, [0, 2, 15]]).all()
+    torch.testing.assert_close(full[:, [1, 4, 9]], g @ w[[1, 4, 9]].T)
+
+
+@pytest.mark.parametrize("head_type,targets", [("sequential", "distill"), ("residual", "corpus")])
+def test_training_lowers_head_loss_and_heads_reload(cache, tmp_path, head_type, targets):
+    model, tok, c = cache
+    heads = MTPHeadsForCausalLM(model, 3, head_type, identity={"name": "tiny", "fingerprint": "f"})
+    cfg = HeadsTrainConfig(n_future=3, head_type=head_type, targets=targets, draft_vocab=24, steps=30,
+                           batch_size=4, lr=3e-3, warmup=3, eval_every=10, log_every=5, val_rows=0.2)
+    train_rows, val_rows = split_rows(c.rows, cfg.val_rows)
+    summary = train_heads(heads, c, cfg, tmp_path / "heads", progress=False)
+    first, last = summary["first_eval"], summary["eval"]
+    assert last["loss"] < 0.8 * first["loss"]
+    assert summary["steps"] == 30 and summary["tokens"] == 30 * 4 * 32
+    rows = [json.loads(line) for line in (tmp_path / "heads" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("split") != "val"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+    for key in ("step", "tokens", "lr", "loss", "primary", "auxiliary", "head_losses", "head_accuracy",
+                "tokens_per_s"):
+        assert key in train[0]
+    assert len(train[0]["head_losses"]) == 3
+    assert any(r.get("split") == "val" for r in rows)
+    # reload: same draft vocabulary, same validation numbers
+    meta = json.loads((tmp_path / "heads" / "heads_config.json").read_text())
+    assert meta["draft_vocab"] == heads.draft_ids.tolist() and len(meta["draft_vocab"]) == 24
+    loaded = MTPHeadsForCausalLM.from_heads(model, tmp_path / "heads", {"fingerprint": "f"})
+    assert torch.equal(loaded.draft_ids, heads.draft_ids)
+    tree = json.loads((tmp_path / "heads" / "tree.json").read_text())  # from validation top-k hits
+    assert 1 <= tree["num_nodes"] <= cfg.tree_budget and len(tree["acceptance"]) == 2
+    again = evaluate_heads(loaded, c, val_rows, cfg, loaded.draft_ids, vocab_index(loaded.draft_ids, 64))
+    assert again["head_losses"] == pytest.approx(last["head_losses"], rel=1e-5)
+
+
+@pytest.mark.parametrize("head_type", ["residual", "sequential"])
+def test_greedy_identity_with_a_draft_vocabulary(head_type):
+    base = make_model(vocab=16, eos=None)  # no EOS: min_new_tokens would mask it in base.generate
+    model = MTPHeadsForCausalLM(base, 4, head_type)
+    for p in model.heads.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.3)
+    model.set_draft_vocab([0, 2, 3, 5, 7, 8, 11, 13])
+    accepted = 0
+    for seed in range(3):
+        prompt = torch.randint(0, 16, (1, 5 + seed), generator=torch.Generator().manual_seed(seed))
+        ref = base.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, prompt.shape[1]:].tolist()
+        for mode in ("ar", "spec", "tree"):
+            out = generate(model, prompt, 20, mode=mode)
+            assert out.tokens[0] == ref, (mode, seed)
+            accepted += sum(out.stats.accepted_histogram[1:])
+        state = model.new_state(1, 64)
+        model.verify(state, prompt)
+        model.accept(state, None, torch.tensor([prompt.shape[1]]))
+        drafts, logits = model.draft(state, torch.tensor([1]), 3, lambda lg, j: lg.argmax(-1))
+        assert set(drafts[0].tolist()) <= {0, 2, 3, 5, 7, 8, 11, 13}
+        assert torch.isinf(logits[0][:, [1, 4, 6]]).all()
+    assert accepted > 0
+    out = generate(model, torch.tensor([[1, 2, 3]]), 10, mode="spec", temperature=0.8, seed=0)  # sampling runs
+    assert len(out.tokens[0]) == 10
+
+
+def test_bad_config_and_texts():
+    with pytest.raises(HeadsTrainError, match="head type"):
+        HeadsTrainConfig(head_type="medusa")
+    with pytest.raises(HeadsTrainError, match="linear"):
+        HeadsTrainConfig(head_type="linear", draft_vocab=100)
+    with pytest.raises(HeadsTrainError, match="n_future"):
+        HeadsTrainConfig(n_future=1)
+    texts = list(zip(range(7), training_texts(["<stdlib>", "<prose>"], max_chars=100)))
+    assert len(texts) == 7 and all(0 < len(t) <= 100 for _, t in texts)
+
+
+def test_cli_heads_train_and_bench(tmp_path, capsys):
+    from multitoken.cli import main
+    base = tmp_path / "base"
+    make_model(eos=1).save_pretrained(base)
+    tok = make_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant{% endif %}")
+    tok.save_pretrained(base)
+    data = tmp_path / "text.txt"
+    data.write_text("\n".join(TEXTS))
+    out = tmp_path / "heads"
+    rc = main(["heads", "train", "--base", str(base), "--data", str(data), "--out", str(out), "--steps", "4",
+               "--max-tokens", "512", "--seq-len", "32", "--draft-vocab", "16", "--n-future", "3", "--quiet"])
+    assert rc == 0 and "heads saved" in capsys.readouterr().out
+    assert (out / "heads.safetensors").is_file() and (out / "hidden_cache" / "meta.json").is_file()
+    assert len(json.loads((out / "heads_config.json").read_text())["draft_vocab"]) == 16
+    prose = tmp_path / "prose.txt"
+    prose.write_text("# comment\nthe a of to and\nis it that this\n")
+    rc = main(["heads", "bench", "--base", str(base), "--heads", str(out), "--code-prompts", "1", "--prose",
+               str(prose), "--max-new-tokens", "6", "--json", str(tmp_path / "b.json"), "--quiet"])
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert rc == 0, capsys.readouterr()
+    groups = {(r["group"], r["decoder"]) for r in result["rows"]}
+    assert ("prose", "spec") in groups and ("code", "hf_pld") in groups and ("all", "tree") in groups
+    assert all(r["identical"] for r in result["rows"])
+    # bad input: one line, exit 2
+    assert main(["heads", "train", "--base", str(base), "--out", str(out), "--head-type", "linear"]) == 2
+    assert "linear" in capsys.readouterr().err
+
+
+def test_repeated_verify_without_accept_is_idempotent():
+    """verify_cost_by_width times verify passes that are never accepted: the HF cache must not grow."""
+    base = make_model(vocab=16, eos=None)
+    model = MTPHeadsForCausalLM(base, 3, "residual")
+    prompt = torch.randint(0, 16, (1, 6), generator=torch.Generator().manual_seed(0))
+    state = model.new_state(1, 32)
+    model.verify(state, prompt)
+    model.accept(state, None, torch.tensor([6]))
+    block = torch.tensor([[3, 4, 5]])
+    first = model.verify(state, block)
+    again = model.verify(state, block)
+    torch.testing.assert_close(first, again)
+    model.accept(state, None, torch.tensor([3]))
+    assert state.cache.get_seq_length() == 9
