@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .config import MTPConfig
 from .heads import CommittedSequence, HeadsDecodeState, MTPHeads
 from .layers import RotaryEmbedding
-from .protocol import DraftPicker
+from .protocol import ConfigDecoderAttributes, DraftPicker
 
 HF_HEAD_TYPES = ("residual", "linear", "sequential")
 HEADS_WEIGHTS, HEADS_CONFIG = "heads.safetensors", "heads_config.json"
@@ -83,7 +83,7 @@ class DraftVocabHead(nn.Module):
         return full.index_copy_(-1, self.ids, small)
 
 
-class MTPHeadsForCausalLM(nn.Module):
+class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
     """A frozen HF causal LM + trainable MTP heads. Head 0 is the base's own head."""
 
     def __init__(self, base: nn.Module, n_future: int = 4, head_type: str = "residual", d_ff: int | None = None,
@@ -130,19 +130,6 @@ class MTPHeadsForCausalLM(nn.Module):
 
     def _dtype(self):
         return self.base.get_output_embeddings().weight.dtype
-
-    # protocol attributes
-    @property
-    def vocab_size(self) -> int:
-        return self.cfg.vocab_size
-
-    @property
-    def n_future(self) -> int:
-        return self.cfg.n_future
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.cfg.max_seq_len
 
     @property
     def lm_head(self) -> nn.Module:
