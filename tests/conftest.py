@@ -1,3 +1,5 @@
+import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -67,3 +69,16 @@ class RankedStub:
             rows.append(logits)
         logits = torch.stack(rows)[None]
         return torch.stack([pick(logits[:, j], j) for j in range(k)], 1), logits
+
+
+WORDS = "def return import class self for in if else while print value result items key data".split()
+
+
+def write_corpus(d: Path, n_files: int = 40, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        body = "\n".join(f"def f{i}_{j}(x):\n    return " + " ".join(rng.choice(WORDS) for _ in range(6))
+                         for j in range(12))
+        (d / f"mod{i}.py").write_text(body + "\n")
+    return d

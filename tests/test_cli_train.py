@@ -9,7 +9,7 @@ import pytest
 
 from multitoken import cli
 from multitoken.checkpoint import find_checkpoint, load_trainer_state
-from test_train import write_corpus
+from conftest import write_corpus
 
 FAST = ["--preset", "tiny", "--no-progress", "--set", "val_fraction=0.2", "--set", "tensorboard=false"]
 

@@ -13,7 +13,6 @@ Skip the whole file with MULTITOKEN_SKIP_DISTRIBUTED=1 (it is skipped without gl
 """
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import torch.distributed as dist
 
 from multitoken.checkpoint import load_model, read_train_config
 from multitoken.train import MTPTrainer, build_config, merge_config
+from conftest import write_corpus
 
 
 pytestmark = pytest.mark.skipif(
@@ -68,19 +68,6 @@ if _dir and _out:
         with open(os.path.join(_out, f"writes-{_who}-{os.getpid()}.json"), "w") as f:
             json.dump(_seen, f)
 '''
-
-
-WORDS = "def return import class self for in if else while print value result items key data".split()
-
-
-def write_corpus(d: Path, n_files: int = 40, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    d.mkdir(parents=True, exist_ok=True)
-    for i in range(n_files):
-        body = "\n".join(f"def f{i}_{j}(x):\n    return " + " ".join(rng.choice(WORDS) for _ in range(6))
-                         for j in range(12))
-        (d / f"mod{i}.py").write_text(body + "\n")
-    return d
 
 
 @pytest.fixture(scope="module")

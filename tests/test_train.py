@@ -1,7 +1,6 @@
 import json
 import math
 import os
-import random
 import signal
 from pathlib import Path
 
@@ -16,21 +15,9 @@ from multitoken.train import (
     PRESETS, MTPTrainer, TrainConfig, TrainingDiverged, build_config, load_config_file, lr_factor,
     merge_config, param_groups, parse_set, train_demo_model,
 )
+from conftest import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "def return import class self for in if else while print value result items key data".split()
-
-
-def write_corpus(d: Path, n_files: int = 40, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    d.mkdir(parents=True, exist_ok=True)
-    for i in range(n_files):
-        body = "\n".join(f"def f{i}_{j}(x):\n    return " + " ".join(rng.choice(WORDS) for _ in range(6))
-                         for j in range(12))
-        (d / f"mod{i}.py").write_text(body + "\n")
-    return d
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
