@@ -82,3 +82,15 @@ def write_corpus(d: Path, n_files: int = 40, seed: int = 0) -> Path:
                          for j in range(12))
         (d / f"mod{i}.py").write_text(body + "\n")
     return d
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small synthetic Python corpus, one per test module."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture
+def token_cache(tmp_path_factory, monkeypatch):
+    """One token cache per test session, never the user's ~/.cache (use with usefixtures)."""
+    monkeypatch.setenv("MULTITOKEN_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))

@@ -14,14 +14,7 @@ from conftest import write_corpus
 FAST = ["--preset", "tiny", "--no-progress", "--set", "val_fraction=0.2", "--set", "tensorboard=false"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("cli-corpus"))
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MULTITOKEN_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
+pytestmark = pytest.mark.usefixtures("token_cache")
 
 
 def run_cli(*args, timeout=120):

@@ -27,9 +27,9 @@ from multitoken.train import MTPTrainer, build_config, merge_config
 from conftest import write_corpus
 
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available() or bool(os.environ.get("MULTITOKEN_SKIP_DISTRIBUTED")),
-    reason="needs torch.distributed with gloo (unset MULTITOKEN_SKIP_DISTRIBUTED)")
+    reason="needs torch.distributed with gloo (unset MULTITOKEN_SKIP_DISTRIBUTED)"), pytest.mark.usefixtures("token_cache")]
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_TOL = 1e-5
@@ -68,16 +68,6 @@ if _dir and _out:
         with open(os.path.join(_out, f"writes-{_who}-{os.getpid()}.json"), "w") as f:
             json.dump(_seen, f)
 '''
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MULTITOKEN_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
 
 
 def config(corpus, **over):

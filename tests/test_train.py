@@ -18,15 +18,7 @@ from multitoken.train import (
 from conftest import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    # One token cache per test session, never the user's ~/.cache.
-    monkeypatch.setenv("MULTITOKEN_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
+pytestmark = pytest.mark.usefixtures("token_cache")
 
 
 def tiny(corpus, **over) -> TrainConfig:
