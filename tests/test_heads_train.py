@@ -10,8 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 
 from multitoken.generate import generate  # noqa: E402
 from multitoken.heads_train import (  # noqa: E402
-    IGNORE, HeadsTrainConfig, HeadsTrainError, draft_vocab_from_cache, draft_vocab_from_counts, evaluate_heads,
-    head_targets, split_rows, train_heads, training_texts, vocab_index)
+    IGNORE, HeadsTrainConfig, HeadsTrainError, distill_prompts, draft_vocab_from_cache, draft_vocab_from_counts,
+    evaluate_heads, generate_distill_texts, head_targets, prose_tasks, split_rows, train_heads, training_texts,
+    vocab_index)
 from multitoken.hf_heads import DraftVocabHead, MTPHeadsForCausalLM  # noqa: E402
 from multitoken.pretrained import build_hidden_cache  # noqa: E402
 
@@ -133,6 +134,39 @@ def test_greedy_identity_with_a_draft_vocabulary(head_type):
     assert len(out.tokens[0]) == 10
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant{% endif %}")
+
+
+def test_distill_prompts_plain_and_chat():
+    from pathlib import Path
+    tok = make_tokenizer()
+    plain = distill_prompts(tok, TEXTS, 3, snippet_tokens=5)
+    assert plain == [" ".join(t.split()[:5]) for t in TEXTS[:3]]
+    tok.chat_template = CHAT_TEMPLATE
+    chat = distill_prompts(tok, TEXTS, 6)
+    assert len(chat) == 6 and all(p.startswith("user ") and p.endswith("assistant") for p in chat)
+    assert ["Continue this Python code" in p for p in chat] == [True, False] * 3
+    bench = Path(__file__).parents[1] / "bench" / "smollm2" / "prose_prompts.txt"
+    held_out = {ln.strip() for ln in bench.read_text().splitlines()}
+    tasks = prose_tasks()
+    assert len(set(tasks)) == len(tasks) == 400 and not held_out & set(tasks)
+
+
+def test_batched_distill_answers_equal_single_prompt_greedy():
+    model, tok = make_model(eos=1), make_tokenizer()
+    prompts = ["def x if", "the a of to and is it", "return y"]
+    texts = generate_distill_texts(model, tok, prompts, n_tokens=10 ** 6, new_tokens=12, batch_size=2,
+                                   progress=False)
+    assert len(texts) == 3
+    for prompt in prompts:
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=1, eos_token_id=1)
+        assert tok.decode(ref[0].tolist(), skip_special_tokens=False) in texts
+    few = generate_distill_texts(model, tok, prompts, n_tokens=1, new_tokens=12, batch_size=2, progress=False)
+    assert len(few) == 2  # stops after the first batch once n_tokens answer tokens exist
+
+
 def test_bad_config_and_texts():
     with pytest.raises(HeadsTrainError, match="head type"):
         HeadsTrainConfig(head_type="medusa")
@@ -149,14 +183,14 @@ def test_cli_heads_train_and_bench(tmp_path, capsys):
     base = tmp_path / "base"
     make_model(eos=1).save_pretrained(base)
     tok = make_tokenizer()
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant{% endif %}")
+    tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(base)
     data = tmp_path / "text.txt"
     data.write_text("\n".join(TEXTS))
     out = tmp_path / "heads"
     rc = main(["heads", "train", "--base", str(base), "--data", str(data), "--out", str(out), "--steps", "4",
-               "--max-tokens", "512", "--seq-len", "32", "--draft-vocab", "16", "--n-future", "3", "--quiet"])
+               "--max-tokens", "512", "--seq-len", "32", "--draft-vocab", "16", "--n-future", "3", "--quiet",
+               "--generate-distill", "24"])
     assert rc == 0 and "heads saved" in capsys.readouterr().out
     assert (out / "heads.safetensors").is_file() and (out / "hidden_cache" / "meta.json").is_file()
     assert len(json.loads((out / "heads_config.json").read_text())["draft_vocab"]) == 16

@@ -21,18 +21,23 @@ def tiny_llama(seed=0, vocab=64):
     return model
 
 
-def wrapped(base, head_type, n_future=4, std=0.3):
-    model = MTPHeadsForCausalLM(base, n_future, head_type)
+def wrapped(base, head_type, n_future=4, std=0.3, fast_kernels=True):
+    model = MTPHeadsForCausalLM(base, n_future, head_type, fast_kernels=fast_kernels)
     for p in model.heads.parameters():
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=std)
     return model
 
 
-@pytest.mark.parametrize("head_type", ["residual", "linear", "sequential"])
-def test_greedy_modes_equal_base_generate(head_type):
+@pytest.mark.parametrize("head_type,fast_kernels", [("residual", True), ("linear", True), ("sequential", True),
+                                                     ("sequential", False)])
+def test_greedy_modes_equal_base_generate(head_type, fast_kernels):
+    """Greedy chain/tree output equals base.generate, also through the oneDNN decode kernels
+    (the default on CPU: base.generate itself keeps F.linear)."""
+    from multitoken.kernels import available
     base = tiny_llama(vocab=16)  # a small vocabulary, so drafts are sometimes accepted
-    model = wrapped(base, head_type)
+    model = wrapped(base, head_type, fast_kernels=fast_kernels)
+    assert model.fast_kernels == (fast_kernels and available())
     accepted = 0
     for seed in range(3):
         prompt = torch.randint(0, 16, (1, 5 + seed), generator=torch.Generator().manual_seed(seed))

@@ -24,13 +24,14 @@ LABELS = {"hf": "HF generate greedy", "hf_pld": "HF prompt lookup", "ar": "multi
 CODE_INSTRUCTION = "Continue this Python code:\n\n```python\n{code}```"
 
 
-def code_snippets(tokenizer, n: int, snippet_tokens: int = 96, val_fraction: float = 0.05) -> list[str]:
-    """``n`` code snippets from the stdlib's validation split (files the heads never saw), each
+def code_snippets(tokenizer, n: int, snippet_tokens: int = 96, val_fraction: float = 0.05,
+                  split: str = "val") -> list[str]:
+    """``n`` code snippets from the stdlib's ``split`` ("val": files the heads never saw), each
     about ``snippet_tokens`` tokens cut at whole lines, from a hash-chosen start line."""
     from .data import iter_documents, split_of
     out = []
     for doc in iter_documents(None):
-        if split_of(doc.name, val_fraction) != "val" or len(doc.text) < 8 * snippet_tokens:
+        if split_of(doc.name, val_fraction) != split or len(doc.text) < 8 * snippet_tokens:
             continue
         lines = doc.text.splitlines(keepends=True)
         start = int(hashlib.sha256(doc.name.encode()).hexdigest()[:8], 16) % max(1, len(lines) // 2)
@@ -152,8 +153,33 @@ def markdown(result: dict, title: str, machine: str, verify: list[dict] | None =
             lines.append(f"| {r['label']} | {tau} | {acc} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}× | {ident} |")
         lines.append("")
     if verify:
-        lines += ["Verify cost (one forward over W new tokens on a 128-token prefix, base + lm_head):", "",
-                  "| W | seconds (median) | × W=1 |", "|---|---|---|"]
-        lines += [f"| {v['width']} | {v['seconds']:.3f} | {v['relative']:.2f} |" for v in verify]
+        both = "f_linear_seconds" in verify[0]
+        lines += ["Verify cost (one forward over W new tokens on a 128-token prefix, base + lm_head; "
+                  "× = relative to one token through F.linear, i.e. one HF greedy step):", ""]
+        if both:
+            lines += ["| W | F.linear s (median) | × | fast kernels s (median) | × |", "|---|---|---|---|---|"]
+            lines += [f"| {v['width']} | {v['f_linear_seconds']:.3f} | {v['f_linear_relative']:.2f} | "
+                      f"{v['seconds']:.3f} | {v['relative']:.2f} |" for v in verify]
+        else:
+            lines += ["| W | seconds (median) | × W=1 |", "|---|---|---|"]
+            lines += [f"| {v['width']} | {v['seconds']:.3f} | {v['relative']:.2f} |" for v in verify]
         lines.append("")
     return "\n".join(lines)
+
+
+def verify_costs(model, widths: Sequence[int] = (1, 2, 4, 8, 16)) -> list[dict]:
+    """verify_cost_by_width with the model's decode kernels, and, where those are the fast
+    kernels, also with plain F.linear; every ``relative`` is to F.linear at the smallest width."""
+    from .tree import verify_cost_by_width
+    rows = verify_cost_by_width(model, widths)
+    if not getattr(model, "fast_kernels", False):
+        return rows
+    model.fast_kernels = False
+    try:
+        plain = verify_cost_by_width(model, widths)
+    finally:
+        model.fast_kernels = True
+    one = plain[0]["seconds"]
+    for row, p in zip(rows, plain):
+        row.update(relative=row["seconds"] / one, f_linear_seconds=p["seconds"], f_linear_relative=p["seconds"] / one)
+    return rows

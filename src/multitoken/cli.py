@@ -414,7 +414,7 @@ def _load_decoder(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     if getattr(args, "base", None):
         from .hf_heads import load_heads_model
-        return load_heads_model(args.base, args.heads)
+        return load_heads_model(args.base, args.heads, fast_kernels=not args.no_fast_kernels)
     if not args.model:
         raise UsageError("give --model DIR (a trained multitoken checkpoint) or --base/--heads")
     from .checkpoint import load_model
@@ -588,6 +588,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", help="prompt text")
     g.add_argument("--prompt-file", help="read the prompt from this file (UTF-8; bad bytes replaced)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--no-fast-kernels", action="store_true",
+                   help="keep F.linear in the base's decode passes (default on CPU: oneDNN reordered weights, "
+                        "see multitoken.kernels)")
     g.add_argument("--mode", choices=MODES, default="spec", help="decoding algorithm (default: spec)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples losslessly")
@@ -730,20 +733,21 @@ def cmd_heads_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench_decode import machine_description
-    from .bench_hf import CODE_INSTRUCTION, bench_hf_decode, chat_ids, code_snippets, markdown, read_prompts
+    from .bench_hf import (CODE_INSTRUCTION, bench_hf_decode, chat_ids, code_snippets, markdown, read_prompts,
+                           verify_costs)
     from .hf_heads import load_heads_model
-    from .tree import resolve_tree, verify_cost_by_width
+    from .tree import resolve_tree
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_heads_model(args.base, args.heads)
+    model, tok = load_heads_model(args.base, args.heads, fast_kernels=not args.no_fast_kernels)
     hf = tok.hf
     code = [("code", chat_ids(hf, CODE_INSTRUCTION.format(code=c))) for c in code_snippets(hf, args.code_prompts)]
     prose = [("prose", chat_ids(hf, p)) for p in read_prompts(args.prose)[:args.prose_prompts]] if args.prose else []
     # alternate code and prose, so that an interrupted run still covers both halves
     prompts = [p for pair in zip(code, prose) for p in pair] + code[len(prose):] + prose[len(code):]
     tree = resolve_tree(args.tree, args.heads, model.n_future - 1) if "tree" in args.decoders else None
-    verify = verify_cost_by_width(model, [1, 2, 4, 8, 16]) if args.verify_cost else None
+    verify = verify_costs(model, [1, 2, 3, 4, 8, 16]) if args.verify_cost else None
     result = bench_hf_decode(model, hf, prompts, args.max_new_tokens, args.decoders, args.num_draft, tree,
                              args.pld_tokens, progress=not args.quiet,
                              partial=args.json + ".partial" if args.json else None)
@@ -792,7 +796,8 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--cache", metavar="DIR", help="hidden cache folder (reused if complete; default OUT/hidden_cache)")
     t.add_argument("--generate-distill", type=int, default=0, metavar="N",
-                   help="first generate about N tokens of greedy continuations by the base from corpus prompts")
+                   help="first generate about N tokens of the base's own greedy answers (chat models: code and "
+                        "prose requests in the chat template; else corpus continuations) and cache those first")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_heads_train)
@@ -811,6 +816,9 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
                                   "next to the heads, else the medium preset)")
     b.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for HF (default 10)")
     b.add_argument("--verify-cost", action="store_true", help="also time one verify pass per width 1..16")
+    b.add_argument("--no-fast-kernels", action="store_true",
+                   help="keep F.linear in the base's decode passes (default on CPU: oneDNN reordered weights, "
+                        "see multitoken.kernels)")
     b.add_argument("--threads", type=int, help="torch CPU threads")
     b.add_argument("--json", help="write rows + per-prompt results as JSON")
     b.add_argument("--markdown", help="write the markdown table")

@@ -458,36 +458,84 @@ def train_heads(model, cache, cfg: HeadsTrainConfig, out_dir: str | os.PathLike 
 
 # ----------------------------------------------------------------------------- self-distillation data
 
-@torch.inference_mode()
-def generate_distill_texts(model, tokenizer, texts: Iterable[str], n_tokens: int, new_tokens: int = 128,
-                           prompt_tokens: int = 48, chat: bool = False, progress: bool = True) -> list[str]:
-    """Continuations written by the base itself (greedy) from corpus prompts, about ``n_tokens`` in all.
+PROSE_TEMPLATES = (
+    "Explain {} to someone who has never heard of it.", "Write a short story that involves {}.",
+    "What are the advantages and disadvantages of {}?", "Describe {} in a few paragraphs.",
+    "Give me five practical tips about {}.", "Summarize what people should know about {}.",
+    "Write a friendly letter to a friend about {}.", "Why does {} matter? Answer in simple words.",
+    "Write a short blog post about {}.", "What are common mistakes people make with {}?",
+)
+PROSE_TOPICS = (
+    "volcanoes", "learning a second language", "saving money", "the moon landing", "bees and pollination",
+    "public libraries", "sleep", "electric cars", "the Roman Empire", "composting at home", "rainforests",
+    "team sports", "climate change", "baking bread", "the internet", "recycling plastic", "earthquakes",
+    "keeping a journal", "the human heart", "solar power", "chess", "time management", "ocean tides",
+    "friendship", "museums", "growing tomatoes", "the Olympic Games", "first aid", "black holes",
+    "remote work", "music lessons", "wind turbines", "healthy breakfasts", "mountain hiking",
+    "the French Revolution", "online privacy", "birds migrating", "a small business", "cooking pasta",
+    "public transport",
+)
 
-    Each text is prompt + the base's greedy continuation, so teacher-forcing it later gives the
-    heads inputs that are exactly what decoding feeds them (accepted tokens are greedy tokens).
-    With ``chat`` the prompt is wrapped in the chat template ("Continue this text: ...").
+
+def prose_tasks() -> list[str]:
+    """Instruction prompts built from templates x topics (for self-distillation; written for this
+    purpose, disjoint from the decode benchmark's prose prompts), in a fixed mixed order."""
+    tasks = [t.format(topic) for topic in PROSE_TOPICS for t in PROSE_TEMPLATES]
+    return sorted(tasks, key=_order_key)
+
+
+def distill_prompts(tokenizer, texts: Sequence[str], n: int, snippet_tokens: int = 96) -> list[str]:
+    """About ``n`` prompts for self-distillation, as the base will see them.
+
+    With a chat template (chat models): half "Continue this Python code" requests on snippets of
+    the stdlib's train split (the decode benchmark draws its code prompts from the validation
+    split), half prose instructions from :func:`prose_tasks`, alternating, each wrapped in the
+    template. Without one: the first ``snippet_tokens`` tokens of ``texts``.
+    """
+    from .bench_hf import CODE_INSTRUCTION, code_snippets
+    from .pretrained import apply_chat_template_or_fail
+    if not getattr(tokenizer, "chat_template", None):
+        heads = (tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:snippet_tokens]) for t in texts)
+        return [h for h in heads if h.strip()][:n]
+    code = [CODE_INSTRUCTION.format(code=c) for c in code_snippets(tokenizer, (n + 1) // 2, snippet_tokens, split="train")]
+    prose = prose_tasks()[:n - len(code)]
+    mixed = [p for pair in zip(code, prose) for p in pair] + code[len(prose):] + prose[len(code):]
+    return [apply_chat_template_or_fail(tokenizer, p) for p in mixed]
+
+
+@torch.inference_mode()
+def generate_distill_texts(model, tokenizer, prompts: Sequence[str], n_tokens: int, new_tokens: int = 128,
+                           batch_size: int = 32, progress: bool = True) -> list[str]:
+    """The base's own greedy answers to ``prompts`` (prompt + answer, up to and including EOS),
+    stopping once about ``n_tokens`` answer tokens are made.
+
+    Teacher-forcing these texts later gives the heads the inputs decoding feeds them (accepted
+    tokens are the base's greedy tokens), which is what decides acceptance. Prompts run in
+    batches of similar length, left-padded; batched and single-prompt greedy answers can differ
+    in rare near-ties, which does not matter for training data.
     """
     from tqdm import tqdm
 
-    from .pretrained import apply_chat_template_or_fail
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     out: list[str] = []
     bar = tqdm(total=n_tokens, unit="tok", desc="self-distillation", disable=not progress)
     made = 0
-    for text in texts:
+    for start in range(0, len(encoded), batch_size):
         if made >= n_tokens:
             break
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:prompt_tokens]
-        if len(ids) < 8:
-            continue
-        prompt = tokenizer.decode(ids)
-        if chat:
-            prompt = apply_chat_template_or_fail(tokenizer, "Continue this text:\n" + prompt)
-        x = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-        y = model.generate(x, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        n = y.shape[1] - x.shape[1]
-        made += n
-        bar.update(n)
-        out.append(tokenizer.decode(y[0], skip_special_tokens=False))
+        batch = sorted(encoded[start:start + batch_size], key=len)
+        width = len(batch[-1])
+        ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch])
+        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
+        y = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=pad, eos_token_id=eos)[:, width:].tolist()
+        for prompt, answer in zip(batch, y):
+            answer = answer[:answer.index(eos) + 1] if eos in answer else answer
+            made += len(answer)
+            out.append(tokenizer.decode(prompt + answer, skip_special_tokens=False))
+        bar.update(min(made, n_tokens) - bar.n)
     bar.close()
     return out
 
@@ -522,7 +570,8 @@ def run_heads_train(base: str, data: Sequence[str] | None, out_dir: str | os.Pat
         texts: Iterable[str] = training_texts(data)
         if generate_distill:
             texts = list(texts)
-            gen = generate_distill_texts(model, tokenizer, texts[::7], generate_distill, progress=progress)
+            prompts = distill_prompts(tokenizer, texts[::7], max(8, generate_distill // 64))
+            gen = generate_distill_texts(model, tokenizer, prompts, generate_distill, progress=progress)
             texts = gen + texts
         cache = build_hidden_cache(model, tokenizer, texts, cache_path, seq_len=seq_len, max_tokens=max_tokens,
                                    progress=progress)

@@ -1,0 +1,77 @@
+"""BlockLinear: the oneDNN reordered-weight path for decode passes, and F.linear everywhere else."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from multitoken.kernels import MAX_ROWS, BlockLinear, available, block_kernels, install_block_linears
+
+pytestmark = pytest.mark.skipif(not available(), reason="oneDNN (mkldnn) is not in this torch build")
+
+
+def converted(bias: bool, seed: int = 0) -> BlockLinear:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(48, 80, bias=bias))
+    assert install_block_linears(net) == 1
+    return net[0]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 48), (3, 48), (1, 5, 48), (2, 8, 48), (16, 48)])
+def test_block_path_matches_f_linear(bias, shape):
+    layer = converted(bias)
+    x = torch.randn(shape)
+    ref = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    with torch.no_grad():
+        plain = layer(x)
+        with block_kernels():
+            fast = layer(x)
+    assert torch.equal(plain, F.linear(x, layer.weight, layer.bias))  # outside the context: F.linear, bitwise
+    assert fast.shape == plain.shape
+    torch.testing.assert_close(fast.double(), ref, atol=1e-5, rtol=1e-5)
+    # float32 accuracy, not a bitwise promise: as close to float64 as F.linear is, within a few ulps
+    assert (fast.double() - ref).abs().max() <= 8 * (plain.double() - ref).abs().max() + 1e-6
+
+
+def test_prefill_grad_and_other_dtypes_take_f_linear():
+    layer = converted(True)
+    big = torch.randn(MAX_ROWS + 1, 48)
+    with torch.no_grad(), block_kernels():
+        assert torch.equal(layer(big), F.linear(big, layer.weight, layer.bias))
+    x = torch.randn(4, 48, requires_grad=True)
+    with block_kernels():  # gradients enabled: training must see F.linear and get gradients
+        y = layer(x)
+    assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
+    y.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    half = converted(False).to(torch.bfloat16)
+    xb = torch.randn(4, 48, dtype=torch.bfloat16)
+    with torch.no_grad(), block_kernels():
+        assert torch.equal(half(xb), F.linear(xb, half.weight))
+
+
+def test_weight_changed_in_place_is_repacked():
+    layer = converted(False)
+    x = torch.randn(4, 48)
+    with torch.no_grad(), block_kernels():
+        before = layer(x)
+        layer.weight.mul_(2.0)
+        after = layer(x)
+    torch.testing.assert_close(after, 2 * before, atol=1e-5, rtol=1e-5)
+
+
+def test_install_is_idempotent_and_keeps_state_dict_and_hf_generate():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    keys = list(model.state_dict())
+    ref = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    assert install_block_linears(model) == linears == install_block_linears(model)
+    assert list(model.state_dict()) == keys
+    assert all(isinstance(m, BlockLinear) for m in model.modules() if isinstance(m, nn.Linear))
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0), ref)
