@@ -139,7 +139,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% 
 
 
 def test_distill_prompts_plain_and_chat():
-    from pathlib import Path
+    from multitoken.bench_hf import PROSE_PROMPTS
     tok = make_tokenizer()
     plain = distill_prompts(tok, TEXTS, 3, snippet_tokens=5)
     assert plain == [" ".join(t.split()[:5]) for t in TEXTS[:3]]
@@ -147,10 +147,8 @@ def test_distill_prompts_plain_and_chat():
     chat = distill_prompts(tok, TEXTS, 6)
     assert len(chat) == 6 and all(p.startswith("user ") and p.endswith("assistant") for p in chat)
     assert ["Continue this Python code" in p for p in chat] == [True, False] * 3
-    bench = Path(__file__).parents[1] / "bench" / "smollm2" / "prose_prompts.txt"
-    held_out = {ln.strip() for ln in bench.read_text().splitlines()}
     tasks = prose_tasks()
-    assert len(set(tasks)) == len(tasks) == 400 and not held_out & set(tasks)
+    assert len(set(tasks)) == len(tasks) == 400 and not set(PROSE_PROMPTS) & set(tasks)
 
 
 def test_batched_distill_answers_equal_single_prompt_greedy():
@@ -203,6 +201,14 @@ def test_cli_heads_train_and_bench(tmp_path, capsys):
     groups = {(r["group"], r["decoder"]) for r in result["rows"]}
     assert ("prose", "spec") in groups and ("code", "hf_pld") in groups and ("all", "tree") in groups
     assert all(r["identical"] for r in result["rows"])
+    # the issue's spelling: `bench decode --base`, built-in prose prompts, verify cost with and without the kernels
+    rc = main(["bench", "decode", "--base", str(base), "--heads", str(out), "--code-prompts", "1", "--prose-prompts",
+               "1", "--max-new-tokens", "4", "--modes", "ar", "spec", "--json", str(tmp_path / "d.json")])
+    result = json.loads((tmp_path / "d.json").read_text())
+    assert rc == 0 and {r["decoder"] for r in result["rows"]} == {"hf", "hf_pld", "ar", "spec"}
+    assert {r["group"] for r in result["rows"]} == {"code", "prose", "all"}
+    assert [v["width"] for v in result["verify_cost"]] == [1, 2, 3, 4, 8, 16]
+    assert all(v["f_linear_seconds"] > 0 for v in result["verify_cost"])
     # bad input: one line, exit 2
     assert main(["heads", "train", "--base", str(base), "--out", str(out), "--head-type", "linear"]) == 2
     assert "linear" in capsys.readouterr().err

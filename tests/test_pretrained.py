@@ -224,11 +224,11 @@ def test_hidden_cache_resumes_after_kill(tmp_path: Path, monkeypatch):
     kw = dict(seq_len=16, max_tokens=160, batch_size=2, progress=False)
     real, calls = pretrained.base_hidden_and_greedy, []
 
-    def dying(m, x):
+    def dying(m, x, **kw):
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(x.shape[0])
-        return real(m, x)
+        return real(m, x, **kw)
 
     monkeypatch.setattr(pretrained, "base_hidden_and_greedy", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -237,7 +237,7 @@ def test_hidden_cache_resumes_after_kill(tmp_path: Path, monkeypatch):
     with pytest.raises(PretrainedError, match="not a complete hidden cache"):
         HiddenCache(tmp_path / "hc.partial")
     monkeypatch.setattr(pretrained, "base_hidden_and_greedy",
-                        lambda m, x: (calls.append(x.shape[0]), real(m, x))[1])
+                        lambda m, x, **kw: (calls.append(x.shape[0]), real(m, x, **kw))[1])
     resumed = build_hidden_cache(model, tok, TEXTS, tmp_path / "hc", **kw)
     assert sum(calls) == 10 and calls[:2] == [2, 2]  # 10 rows computed once in total
     assert not (tmp_path / "hc.partial").exists()

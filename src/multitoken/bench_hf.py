@@ -22,6 +22,20 @@ DECODERS = ("hf", "hf_pld", "ar", "spec", "tree")
 LABELS = {"hf": "HF generate greedy", "hf_pld": "HF prompt lookup", "ar": "multitoken plain",
           "spec": "multitoken chain", "tree": "multitoken tree"}
 CODE_INSTRUCTION = "Continue this Python code:\n\n```python\n{code}```"
+PROSE_PROMPTS = (  # written for this benchmark; each is one user turn in the chat template
+    'Explain in a few paragraphs why the sky is blue, for a curious ten-year-old.',
+    'Write a short story about a lighthouse keeper who finds a message in a bottle.',
+    'What are the main causes of inflation, and how do central banks try to control it?',
+    'Describe the water cycle step by step.',
+    'Give me some practical advice for preparing for a job interview.',
+    'Summarize the history of the printing press and why it mattered.',
+    'Write a polite email to a neighbour asking them to keep their dog quiet at night.',
+    'What is photosynthesis and why is it important for life on Earth?',
+    'Compare living in a big city with living in the countryside.',
+    'Explain how vaccines train the immune system.',
+    'Write a product description for a reusable water bottle.',
+    'What should a beginner know before starting to run regularly?',
+)
 
 
 def code_snippets(tokenizer, n: int, snippet_tokens: int = 96, val_fraction: float = 0.05,

@@ -613,6 +613,14 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 def cmd_bench_decode(args: argparse.Namespace) -> int:
     import torch
     import time
+    if args.base:  # a Hugging Face base: side by side with HF greedy and prompt lookup on chat prompts
+        decoders = ["hf", "hf_pld"] + [m for m in args.modes if m in ("ar", "spec", "tree")]
+        return cmd_heads_bench(argparse.Namespace(
+            base=args.base, heads=args.heads, code_prompts=args.code_prompts, prose=args.prose,
+            prose_prompts=args.prose_prompts, decoders=decoders, max_new_tokens=args.max_new_tokens,
+            num_draft=args.num_draft, tree=args.tree, pld_tokens=args.pld_tokens, verify_cost=bool(args.verify_widths),
+            no_fast_kernels=args.no_fast_kernels, threads=args.threads, json=args.json, markdown=args.markdown,
+            quiet=False))
     from .bench_decode import bench_decode, machine_description, markdown_table, validation_prompts, verify_cost_table
 
     model, tokenizer = _load_decoder(args)
@@ -667,6 +675,12 @@ def add_bench_decode(bsub: argparse._SubParsersAction) -> None:
     d.add_argument("--readme", help="update the decode section of this README (e.g. bench/README.md)")
     d.add_argument("--verify-widths", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32],
                    help="also time one verify pass per block width (tree nodes + 1); none to skip")
+    hf = d.add_argument_group("with --base (same as `heads bench`: HF greedy and prompt lookup rows, chat prompts)")
+    hf.add_argument("--code-prompts", type=int, default=10, help="code prompts from the stdlib validation split")
+    hf.add_argument("--prose", metavar="FILE", help="prose prompts, one per line (default: 12 built-in requests)")
+    hf.add_argument("--prose-prompts", type=int, default=10, help="prose prompts used (default 10)")
+    hf.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for HF (default 10)")
+    hf.add_argument("--no-fast-kernels", action="store_true", help="keep F.linear in the base's decode passes")
     d.set_defaults(func=cmd_bench_decode)
 
 
@@ -715,7 +729,8 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
                            d_ff=args.d_ff)
     s = run_heads_train(args.base, args.data, args.out, cfg, cache_dir=args.cache, max_tokens=args.max_tokens,
                         seq_len=args.seq_len, generate_distill=args.generate_distill, threads=args.threads,
-                        progress=not args.quiet)
+                        progress=not args.quiet, train_base_layers=args.train_base_layers,
+                        lora_rank=args.lora_rank)
     ev = s["eval"] or {}
     built = "reused" if s["cache_reused"] else f"built in {s['cache_s']:.0f} s"
     print(f"trained {s['steps']} steps on {s['tokens']} tokens ({s['epochs']:.1f} epochs of "
@@ -733,8 +748,8 @@ def cmd_heads_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench_decode import machine_description
-    from .bench_hf import (CODE_INSTRUCTION, bench_hf_decode, chat_ids, code_snippets, markdown, read_prompts,
-                           verify_costs)
+    from .bench_hf import (CODE_INSTRUCTION, PROSE_PROMPTS, bench_hf_decode, chat_ids, code_snippets, markdown,
+                           read_prompts, verify_costs)
     from .hf_heads import load_heads_model
     from .tree import resolve_tree
 
@@ -743,7 +758,8 @@ def cmd_heads_bench(args: argparse.Namespace) -> int:
     model, tok = load_heads_model(args.base, args.heads, fast_kernels=not args.no_fast_kernels)
     hf = tok.hf
     code = [("code", chat_ids(hf, CODE_INSTRUCTION.format(code=c))) for c in code_snippets(hf, args.code_prompts)]
-    prose = [("prose", chat_ids(hf, p)) for p in read_prompts(args.prose)[:args.prose_prompts]] if args.prose else []
+    texts = read_prompts(args.prose) if args.prose else PROSE_PROMPTS
+    prose = [("prose", chat_ids(hf, p)) for p in texts[:args.prose_prompts]]
     # alternate code and prose, so that an interrupted run still covers both halves
     prompts = [p for pair in zip(code, prose) for p in pair] + code[len(prose):] + prose[len(code):]
     tree = resolve_tree(args.tree, args.heads, model.n_future - 1) if "tree" in args.decoders else None
@@ -798,6 +814,11 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--generate-distill", type=int, default=0, metavar="N",
                    help="first generate about N tokens of the base's own greedy answers (chat models: code and "
                         "prose requests in the chat template; else corpus continuations) and cache those first")
+    t.add_argument("--train-base-layers", type=int, default=0, metavar="N",
+                   help="also train the base's top N layers (Medusa-2 style; the output then follows the "
+                        "adapted base, not the original)")
+    t.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="with --train-base-layers: LoRA adapters of rank R (peft) instead of full layers")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_heads_train)
@@ -806,8 +827,8 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--base", required=True, help="'smollm2' or a Hugging Face model folder / .gguf file")
     b.add_argument("--heads", required=True, metavar="DIR", help="heads trained with `heads train`")
     b.add_argument("--code-prompts", type=int, default=10, help="code prompts from the stdlib validation split")
-    b.add_argument("--prose", metavar="FILE", help="prose prompts, one per line")
-    b.add_argument("--prose-prompts", type=int, default=10, help="prose prompts used from --prose (default 10)")
+    b.add_argument("--prose", metavar="FILE", help="prose prompts, one per line (default: 12 built-in requests)")
+    b.add_argument("--prose-prompts", type=int, default=10, help="prose prompts used (default 10)")
     b.add_argument("--decoders", nargs="+", default=["hf", "hf_pld", "ar", "spec", "tree"],
                    choices=["hf", "hf_pld", "ar", "spec", "tree"])
     b.add_argument("--max-new-tokens", type=int, default=128)

@@ -215,14 +215,20 @@ def _unembed_weight(model, i: int) -> Tensor:
     return model.lm_head.weight
 
 
+def adapts_base(model) -> bool:
+    """True when base layers train along with the heads (``train_base_layers``)."""
+    return bool(getattr(model, "adaptation", {}).get("layers"))
+
+
 def head_statistics(model, hidden: Tensor, tokens: Tensor, greedy: Tensor, targets_mode: str,
                     draft_ids: Tensor | None, index: Tensor | None, grad: bool = True) -> dict[str, Any]:
     """Per-head CE sums (over the draft vocabulary when given) and top-1 hits for a batch.
 
-    hidden (B, T, d) cached base hidden states; tokens, greedy (B, T). Head 0 is the frozen base
-    head (reported, never trained). With a draft vocabulary, targets outside it are left out of
-    the CE (no draft can produce them) but count as misses in the accuracy.
-    Returns ``ce`` (list of n scalar tensors, differentiable for heads >= 1 when ``grad``),
+    hidden (B, T, d) cached base hidden states; tokens, greedy (B, T). Head 0 is the base head:
+    reported, and trained only when base layers are (``model.adaptation``), where its CE keeps the
+    adapted base close to the original's greedy tokens. With a draft vocabulary, targets outside it
+    are left out of the CE (no draft can produce them) but count as misses in the accuracy.
+    Returns ``ce`` (list of n scalar tensors, differentiable for trained heads when ``grad``),
     ``count`` (targets in the CE per head) and ``correct`` ((hits, valid targets) per head).
     """
     targets = head_targets(tokens, greedy, model.n_future, targets_mode)
@@ -230,11 +236,11 @@ def head_statistics(model, hidden: Tensor, tokens: Tensor, greedy: Tensor, targe
         gs = model.head_hiddens_from(hidden, tokens)  # n x (B, T, d)
     ce, count, correct = [], [], []
     for i, (g, t) in enumerate(zip(gs, targets)):
-        with torch.set_grad_enabled(grad and i > 0):
+        with torch.set_grad_enabled(grad and (i > 0 or adapts_base(model))):
             valid = t != IGNORE
             g, t = g[valid], t[valid]  # (M, d), (M,)
             W = _unembed_weight(model, i)
-            if draft_ids is not None:
+            if draft_ids is not None and not (i == 0 and adapts_base(model)):  # a trained base head: full V
                 logits = g @ W[draft_ids].T  # (M, N): only the draft vocabulary's rows
                 dt = index[t]  # draft index, IGNORE outside the draft vocabulary
                 pred = draft_ids[logits.argmax(-1)]
@@ -337,6 +343,10 @@ def train_heads(model, cache, cfg: HeadsTrainConfig, out_dir: str | os.PathLike 
     if cache.vocab_size != model.vocab_size or cache.d_model != model.cfg.d_model:
         raise HeadsTrainError(f"hidden cache {cache.path} is for vocab_size={cache.vocab_size}, "
                               f"d_model={cache.d_model}; the base has {model.vocab_size}, {model.cfg.d_model}")
+    if cache.layer != model.cache_layer:
+        raise HeadsTrainError(f"hidden cache {cache.path} holds hidden states of layer "
+                              f"{'final' if cache.layer is None else cache.layer}; training these heads needs "
+                              f"{'final' if model.cache_layer is None else model.cache_layer} (another --cache folder)")
     torch.manual_seed(cfg.seed)
     train_rows, val_rows = split_rows(cache.rows, cfg.val_rows, cfg.seed)
     if len(train_rows) == 0:
@@ -351,6 +361,7 @@ def train_heads(model, cache, cfg: HeadsTrainConfig, out_dir: str | os.PathLike 
     steps_per_epoch = max(1, len(train_rows) // cfg.batch_size)
     total = cfg.steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
     params = [p for p in model.heads.parameters() if p.requires_grad]
+    params += [p for p in model.base.parameters() if p.requires_grad]  # trained base layers, if any
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -396,7 +407,8 @@ def train_heads(model, cache, cfg: HeadsTrainConfig, out_dir: str | os.PathLike 
                 group["lr"] = lr
             h, x, gr = cache.get(np.sort(batch))
             s = head_statistics(model, h, x, gr, cfg.targets, draft_ids, index)
-            loss = sum(c / max(n, 1) for c, n in zip(s["ce"][1:], s["count"][1:]))
+            trained = slice(0 if adapts_base(model) else 1, None)
+            loss = sum(c / max(n, 1) for c, n in zip(s["ce"][trained], s["count"][trained]))
             if not torch.isfinite(loss):
                 raise HeadsTrainError(f"loss is {float(loss)} at step {step + 1}; training stopped "
                                       "(try a lower --lr)")
@@ -545,8 +557,10 @@ def generate_distill_texts(model, tokenizer, prompts: Sequence[str], n_tokens: i
 def run_heads_train(base: str, data: Sequence[str] | None, out_dir: str | os.PathLike, cfg: HeadsTrainConfig,
                     cache_dir: str | os.PathLike | None = None, max_tokens: int = 65536, seq_len: int = 256,
                     generate_distill: int = 0, dtype: str = "float32", threads: int | None = None,
-                    progress: bool = True) -> dict[str, Any]:
-    """``multitoken heads train``: hidden cache (built or reused), then :func:`train_heads`."""
+                    progress: bool = True, train_base_layers: int = 0, lora_rank: int = 0) -> dict[str, Any]:
+    """``multitoken heads train``: hidden cache (built or reused), then :func:`train_heads`.
+    With ``train_base_layers`` the cache holds the input of the first trained layer."""
+    from .adapt import cache_layer
     from .hf_heads import MTPHeadsForCausalLM, load_base
     from .pretrained import HiddenCache, build_hidden_cache, model_identity
 
@@ -574,10 +588,11 @@ def run_heads_train(base: str, data: Sequence[str] | None, out_dir: str | os.Pat
             gen = generate_distill_texts(model, tokenizer, prompts, generate_distill, progress=progress)
             texts = gen + texts
         cache = build_hidden_cache(model, tokenizer, texts, cache_path, seq_len=seq_len, max_tokens=max_tokens,
-                                   progress=progress)
+                                   progress=progress, layer=cache_layer(model, train_base_layers))
         reused = False
     cache_s = time.perf_counter() - t1
-    heads = MTPHeadsForCausalLM(model, cfg.n_future, cfg.head_type, d_ff=cfg.d_ff, identity=identity)
+    heads = MTPHeadsForCausalLM(model, cfg.n_future, cfg.head_type, d_ff=cfg.d_ff, identity=identity,
+                                train_base_layers=train_base_layers, lora_rank=lora_rank)
     summary = train_heads(heads, cache, cfg, out, progress=progress,
                           extra_meta={"cache": str(cache_path), "cache_tokens": int(cache.meta["count"]),
                                       "cache_build_s": None if reused else cache_s, "base": base})

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .adapt import BaseAdaptationError, adapt_base, cache_layer, run_top_layers, trainable_base_state
 from .config import MTPConfig
 from .heads import CommittedSequence, HeadsDecodeState, MTPHeads
 from .kernels import block_kernels, install_block_linears
@@ -24,6 +25,7 @@ from .protocol import ConfigDecoderAttributes, DraftPicker
 
 HF_HEAD_TYPES = ("residual", "linear", "sequential")
 HEADS_WEIGHTS, HEADS_CONFIG = "heads.safetensors", "heads_config.json"
+BASE_PREFIX = "base."  # trained base weights (train_base_layers) in heads.safetensors
 
 
 class HeadsMismatchError(ValueError):
@@ -85,21 +87,29 @@ class DraftVocabHead(nn.Module):
 
 
 class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
-    """A frozen HF causal LM + trainable MTP heads. Head 0 is the base's own head."""
+    """An HF causal LM (frozen, or with trained top layers) + MTP heads. Head 0 is the base's own head."""
 
     def __init__(self, base: nn.Module, n_future: int = 4, head_type: str = "residual", d_ff: int | None = None,
-                 freeze_base: bool = True, identity: dict | None = None, fast_kernels: bool = True):
+                 freeze_base: bool = True, identity: dict | None = None, fast_kernels: bool = True,
+                 train_base_layers: int = 0, lora_rank: int = 0):
         """fast_kernels: decode passes of a float32 CPU base multiply through oneDNN-reordered
         weights (:mod:`multitoken.kernels`; the base's ``nn.Linear`` layers become ``BlockLinear``,
         which is ``F.linear`` everywhere else). A block of 4 tokens then costs ~1.2x one token
-        instead of ~1.8x on a 2-core CPU, at the price of a second copy of the weights."""
+        instead of ~1.8x on a 2-core CPU, at the price of a second copy of the weights.
+        train_base_layers / lora_rank: also train the base's top N layers, in full or through
+        LoRA adapters (:mod:`multitoken.adapt`); decoding then reproduces the adapted base."""
         super().__init__()
         self.base = base
+        self.adaptation = {"layers": int(train_base_layers), "lora_rank": int(lora_rank)}
         self.cfg = heads_config_for(base.config, n_future, head_type, d_ff)
         self.heads = MTPHeads(self.cfg)
         self.rope = RotaryEmbedding(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.identity = identity or {}
-        if freeze_base:
+        if train_base_layers:
+            adapt_base(self.base, train_base_layers, lora_rank)
+        elif lora_rank:
+            raise BaseAdaptationError("lora_rank needs train_base_layers (the layers that get adapters)")
+        elif freeze_base:
             for p in self.base.parameters():
                 p.requires_grad_(False)
         self.heads.to(device=self._device(), dtype=self._dtype())
@@ -150,14 +160,26 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
     def head_logits(self, i: int, g: Tensor) -> Tensor:
         return self.lm_head(g) if i == 0 else self.heads.unembed(i, g, self.lm_head)
 
+    @property
+    def cache_layer(self) -> int | None:
+        """Which base hidden state training starts from: None = the final post-norm one (frozen
+        base), i = the input of decoder layer i (the first trained one)."""
+        return cache_layer(self.base, self.adaptation["layers"])
+
     def head_hiddens_from(self, hidden: Tensor, tokens: Tensor) -> list[Tensor]:
-        """g_0..g_{n-1} (B, T, d) from cached base hidden states (B, T, d) and tokens (B, T)."""
+        """g_0..g_{n-1} (B, T, d) from cached base hidden states (B, T, d) at :attr:`cache_layer`
+        and tokens (B, T); trained base layers run here."""
+        if self.adaptation["layers"]:
+            hidden = run_top_layers(self.base, hidden, self.adaptation["layers"])
         return [hidden] + self.heads.hiddens(hidden, None, tokens, self.embed, self.rope)
 
     @torch.no_grad()
     def base_hidden(self, tokens: Tensor) -> Tensor:
-        """(B, T, d) final-norm hidden states of the frozen base (the lm_head input)."""
-        return self.base.model(input_ids=tokens, use_cache=False).last_hidden_state
+        """(B, T, d) hidden states of the base at :attr:`cache_layer` (what a hidden cache holds)."""
+        if self.cache_layer is None:
+            return self.base.model(input_ids=tokens, use_cache=False).last_hidden_state
+        return self.base.model(input_ids=tokens, use_cache=False, output_hidden_states=True).hidden_states[
+            self.cache_layer]
 
     def head_hiddens(self, tokens: Tensor) -> list[Tensor]:
         return self.head_hiddens_from(self.base_hidden(tokens), tokens)
@@ -201,9 +223,16 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
         return logits
 
     def _keep_cache(self, state: HFDecodeState, index: Tensor) -> None:
+        """Keep cache positions ``index`` (ascending). A prefix 0..n-1 (plain and chain decoding)
+        is a slice; tree paths need a gather."""
+        n = len(index)
+        prefix = torch.equal(index, torch.arange(n, device=index.device))
         for layer in state.cache.layers:
-            layer.keys = layer.keys.index_select(2, index)
-            layer.values = layer.values.index_select(2, index)
+            if prefix:
+                layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+            else:
+                layer.keys = layer.keys.index_select(2, index)
+                layer.values = layer.values.index_select(2, index)
 
     @torch.no_grad()
     def accept(self, state: HFDecodeState, keep: Tensor | None, counts: Tensor) -> None:
@@ -234,9 +263,13 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / (HEADS_WEIGHTS + ".tmp")
-        save_file({k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}, str(tmp))
+        state = {k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}
+        if self.adaptation["layers"]:
+            state.update({BASE_PREFIX + k: v.contiguous() for k, v in trainable_base_state(self.base).items()})
+        save_file(state, str(tmp))
         tmp.replace(out / HEADS_WEIGHTS)
-        meta = {"heads": self.cfg.to_dict(), "base": self.identity, **(extra or {})}
+        meta = {"heads": self.cfg.to_dict(), "base": self.identity, "base_adaptation": self.adaptation,
+                **(extra or {})}
         if self.draft_ids is not None:
             meta["draft_vocab"] = self.draft_ids.tolist()
         tmp = out / (HEADS_CONFIG + ".tmp")
@@ -265,15 +298,24 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
         if identity and saved.get("fingerprint") and identity.get("fingerprint") != saved["fingerprint"]:
             raise HeadsMismatchError(f"heads in {heads_dir} were trained for base {saved.get('name') or '?'} "
                                      f"(fingerprint {saved['fingerprint']}), not this one ({identity.get('fingerprint')})")
+        adaptation = meta.get("base_adaptation") or {}
         model = cls(base, cfg.n_future, cfg.head_type, d_ff=cfg.d_ff, identity=identity or saved,
-                    fast_kernels=fast_kernels)
+                    fast_kernels=fast_kernels, train_base_layers=int(adaptation.get("layers", 0)),
+                    lora_rank=int(adaptation.get("lora_rank", 0)))
         try:
             state = load_file(str(heads_dir / HEADS_WEIGHTS))
         except FileNotFoundError:
             raise FileNotFoundError(f"no {HEADS_WEIGHTS} in {heads_dir}") from None
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"corrupt {heads_dir / HEADS_WEIGHTS}: {str(e).splitlines()[0]}") from None
-        model.heads.load_state_dict(state)
+        trained = {k[len(BASE_PREFIX):]: v for k, v in state.items() if k.startswith(BASE_PREFIX)}
+        expected = set(trainable_base_state(model.base))
+        if set(trained) != expected:
+            raise ValueError(f"{heads_dir / HEADS_WEIGHTS} holds trained base weights {sorted(trained)[:3]}... "
+                             f"but the recorded adaptation {adaptation} expects {sorted(expected)[:3]}...")
+        if trained:
+            model.base.load_state_dict(trained, strict=False)
+        model.heads.load_state_dict({k: v for k, v in state.items() if not k.startswith(BASE_PREFIX)})
         if meta.get("draft_vocab") is not None:
             try:
                 model.set_draft_vocab(meta["draft_vocab"])

@@ -297,17 +297,20 @@ def _pack_tokens(tokenizer, texts: Iterable[str], seq_len: int, max_tokens: int 
 
 
 @torch.inference_mode()
-def base_hidden_and_greedy(model, input_ids: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
-    """Final post-norm hidden states (the ``lm_head`` input) and the greedy next tokens.
+def base_hidden_and_greedy(model, input_ids: Tensor, chunk: int = 1024,
+                           layer: int | None = None) -> tuple[Tensor, Tensor]:
+    """Final post-norm hidden states (the ``lm_head`` input; with ``layer``, the input of decoder
+    layer ``layer`` instead) and the greedy next tokens.
 
     input_ids: (B, T) long -> hidden (B, T, d) in the model dtype, greedy (B, T) long.
     The (B, T, V) logits are never materialised at once: ``lm_head`` runs on ``chunk`` rows.
     """
-    h = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, d)
+    out = model.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=layer is not None)
+    final = out.last_hidden_state  # (B, T, d)
     head = model.get_output_embeddings()
-    flat = h.reshape(-1, h.shape[-1])  # (B*T, d)
+    flat = final.reshape(-1, final.shape[-1])  # (B*T, d)
     greedy = torch.cat([head(flat[i:i + chunk]).argmax(-1) for i in range(0, flat.shape[0], chunk)])
-    return h, greedy.view(h.shape[:2])
+    return (final if layer is None else out.hidden_states[layer]), greedy.view(final.shape[:2])
 
 
 def _check_head_input(model, input_ids: Tensor, hidden: Tensor) -> None:
@@ -332,8 +335,12 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def build_hidden_cache(model, tokenizer, texts: Iterable[str], out_dir: str | os.PathLike,
                        seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8,
-                       hidden_dtype: str = "float16", progress: bool = True) -> "HiddenCache":
+                       hidden_dtype: str = "float16", progress: bool = True,
+                       layer: int | None = None) -> "HiddenCache":
     """Run the frozen base over packed sequences; store hidden states and greedy tokens.
+
+    layer: store the input of decoder layer ``layer`` instead of the final hidden state (for
+    training the layers above it, :mod:`multitoken.adapt`); recorded in meta.json.
 
     Writes into ``<out_dir>.partial`` and renames it to ``out_dir`` when complete, so a killed
     build never looks finished; rerunning with the same inputs resumes after the last flushed
@@ -355,6 +362,8 @@ def build_hidden_cache(model, tokenizer, texts: Iterable[str], out_dir: str | os
             "vocab_size": vocab, "d_model": d, "seq_len": seq_len, "count": int(ids.size),
             "rows": int(ids.size // seq_len), "token_dtype": tok_dtype.name, "hidden_dtype": hidden_dtype,
             "tokens_sha": hashlib.sha256(ids.astype(tok_dtype).tobytes()).hexdigest()[:16]}
+    if layer is not None:
+        plan["layer"] = int(layer)
     if (out / "meta.json").is_file():
         meta = json.loads((out / "meta.json").read_text())
         if {k: meta.get(k) for k in plan} == plan:
@@ -392,8 +401,8 @@ def build_hidden_cache(model, tokenizer, texts: Iterable[str], out_dir: str | os
     for r0 in range(done, rows, batch_size):
         r1 = min(rows, r0 + batch_size)
         x = torch.from_numpy(ids[r0 * seq_len:r1 * seq_len].reshape(r1 - r0, seq_len)).to(device)
-        h, g = base_hidden_and_greedy(model, x)  # (b, T, d), (b, T)
-        if not checked:
+        h, g = base_hidden_and_greedy(model, x, layer=layer)  # (b, T, d), (b, T)
+        if not checked and layer is None:
             _check_head_input(model, x, h)
             checked = True
         h = h.reshape(-1, d).float().cpu()
@@ -437,6 +446,7 @@ class HiddenCache:
             raise PretrainedError(f"{self.path} is not a complete hidden cache: {_first_line(err)}") from err
         self.seq_len, self.d_model = int(self.meta["seq_len"]), d
         self.vocab_size, self.rows = int(self.meta["vocab_size"]), n // int(self.meta["seq_len"])
+        self.layer: int | None = self.meta.get("layer")  # None: final hidden states; i: input of layer i
 
     def __len__(self) -> int:
         return self.rows
