@@ -209,6 +209,7 @@ def test_cli_heads_train_and_bench(tmp_path, capsys):
     assert {r["group"] for r in result["rows"]} == {"code", "prose", "all"}
     assert [v["width"] for v in result["verify_cost"]] == [1, 2, 3, 4, 8, 16]
     assert all(v["f_linear_seconds"] > 0 for v in result["verify_cost"])
+    assert not (tmp_path / "d.json.partial").exists()
     # bad input: one line, exit 2
     assert main(["heads", "train", "--base", str(base), "--out", str(out), "--head-type", "linear"]) == 2
     assert "linear" in capsys.readouterr().err

@@ -774,6 +774,7 @@ def cmd_heads_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        Path(args.json + ".partial").unlink(missing_ok=True)  # the finished run supersedes it
     if args.markdown:
         Path(args.markdown).write_text(table)
     return 0 if all(r["identical"] for r in result["rows"] if r["decoder"] != "hf_pld") else 1
