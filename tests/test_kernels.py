@@ -75,3 +75,18 @@ def test_install_is_idempotent_and_keeps_state_dict_and_hf_generate():
     assert list(model.state_dict()) == keys
     assert all(isinstance(m, BlockLinear) for m in model.modules() if isinstance(m, nn.Linear))
     assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0), ref)
+
+
+def test_copies_and_pickles_work_after_decoding():
+    import copy
+    import io
+    layer = converted(True)
+    x = torch.randn(3, 48)
+    with torch.no_grad(), block_kernels():
+        before = layer(x)  # builds the opaque reordered weight
+        twin = copy.deepcopy(layer)
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert torch.equal(twin(x), before) and torch.equal(loaded(x), before)

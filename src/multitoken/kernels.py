@@ -47,6 +47,12 @@ class BlockLinear(nn.Linear):
             self._packed_version = self.weight._version
         return self._packed
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the reordered weight out (an opaque oneDNN tensor that cannot
+        be serialised); it is rebuilt on first use."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k not in ("_packed", "_packed_version")}
+
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // max(1, x.shape[-1])
         if not getattr(_active, "on", False) or rows > MAX_ROWS or torch.is_grad_enabled() \
