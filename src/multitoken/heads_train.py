@@ -215,11 +215,6 @@ def _unembed_weight(model, i: int) -> Tensor:
     return model.lm_head.weight
 
 
-def adapts_base(model) -> bool:
-    """True when base layers train along with the heads (``train_base_layers``)."""
-    return bool(getattr(model, "adaptation", {}).get("layers"))
-
-
 def head_statistics(model, hidden: Tensor, tokens: Tensor, greedy: Tensor, targets_mode: str,
                     draft_ids: Tensor | None, index: Tensor | None, grad: bool = True) -> dict[str, Any]:
     """Per-head CE sums (over the draft vocabulary when given) and top-1 hits for a batch.
@@ -236,11 +231,11 @@ def head_statistics(model, hidden: Tensor, tokens: Tensor, greedy: Tensor, targe
         gs = model.head_hiddens_from(hidden, tokens)  # n x (B, T, d)
     ce, count, correct = [], [], []
     for i, (g, t) in enumerate(zip(gs, targets)):
-        with torch.set_grad_enabled(grad and (i > 0 or adapts_base(model))):
+        with torch.set_grad_enabled(grad and (i > 0 or model.trains_base)):
             valid = t != IGNORE
             g, t = g[valid], t[valid]  # (M, d), (M,)
             W = _unembed_weight(model, i)
-            if draft_ids is not None and not (i == 0 and adapts_base(model)):  # a trained base head: full V
+            if draft_ids is not None and not (i == 0 and model.trains_base):  # a trained base head: full V
                 logits = g @ W[draft_ids].T  # (M, N): only the draft vocabulary's rows
                 dt = index[t]  # draft index, IGNORE outside the draft vocabulary
                 pred = draft_ids[logits.argmax(-1)]
@@ -407,7 +402,7 @@ def train_heads(model, cache, cfg: HeadsTrainConfig, out_dir: str | os.PathLike 
                 group["lr"] = lr
             h, x, gr = cache.get(np.sort(batch))
             s = head_statistics(model, h, x, gr, cfg.targets, draft_ids, index)
-            trained = slice(0 if adapts_base(model) else 1, None)
+            trained = slice(0 if model.trains_base else 1, None)
             loss = sum(c / max(n, 1) for c, n in zip(s["ce"][trained], s["count"][trained]))
             if not torch.isfinite(loss):
                 raise HeadsTrainError(f"loss is {float(loss)} at step {step + 1}; training stopped "

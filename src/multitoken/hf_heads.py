@@ -21,6 +21,7 @@ from .config import MTPConfig
 from .heads import CommittedSequence, HeadsDecodeState, MTPHeads
 from .kernels import block_kernels, install_block_linears
 from .layers import RotaryEmbedding
+from .pretrained import hidden_at_layer
 from .protocol import ConfigDecoderAttributes, DraftPicker
 
 HF_HEAD_TYPES = ("residual", "linear", "sequential")
@@ -161,6 +162,11 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
         return self.lm_head(g) if i == 0 else self.heads.unembed(i, g, self.lm_head)
 
     @property
+    def trains_base(self) -> bool:
+        """True when the base's top layers train along with the heads (``train_base_layers``)."""
+        return self.adaptation["layers"] > 0
+
+    @property
     def cache_layer(self) -> int | None:
         """Which base hidden state training starts from: None = the final post-norm one (frozen
         base), i = the input of decoder layer i (the first trained one)."""
@@ -169,17 +175,14 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
     def head_hiddens_from(self, hidden: Tensor, tokens: Tensor) -> list[Tensor]:
         """g_0..g_{n-1} (B, T, d) from cached base hidden states (B, T, d) at :attr:`cache_layer`
         and tokens (B, T); trained base layers run here."""
-        if self.adaptation["layers"]:
+        if self.trains_base:
             hidden = run_top_layers(self.base, hidden, self.adaptation["layers"])
         return [hidden] + self.heads.hiddens(hidden, None, tokens, self.embed, self.rope)
 
     @torch.no_grad()
     def base_hidden(self, tokens: Tensor) -> Tensor:
         """(B, T, d) hidden states of the base at :attr:`cache_layer` (what a hidden cache holds)."""
-        if self.cache_layer is None:
-            return self.base.model(input_ids=tokens, use_cache=False).last_hidden_state
-        return self.base.model(input_ids=tokens, use_cache=False, output_hidden_states=True).hidden_states[
-            self.cache_layer]
+        return hidden_at_layer(self.base, tokens, self.cache_layer)[0]
 
     def head_hiddens(self, tokens: Tensor) -> list[Tensor]:
         return self.head_hiddens_from(self.base_hidden(tokens), tokens)
@@ -207,7 +210,7 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
         if state.cache.get_seq_length() > length:
             # A previous verify was never accepted (e.g. timing repeated verifies): the HF cache
             # appended its block anyway, so drop it to keep "nothing is committed until accept".
-            self._keep_cache(state, torch.arange(length, device=tokens.device))
+            self._keep_cache(state, length)
         positions = (length + depths.reshape(-1, width)[:1]).to(tokens.device)  # (1, W)
         kwargs = {self._cache_kw: state.cache, "position_ids": positions, "use_cache": True}
         if tree_mask is not None:
@@ -222,14 +225,14 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
         state.seq.stage(tokens, hidden)
         return logits
 
-    def _keep_cache(self, state: HFDecodeState, index: Tensor) -> None:
-        """Keep cache positions ``index`` (ascending). A prefix 0..n-1 (plain and chain decoding)
-        is a slice; tree paths need a gather."""
-        n = len(index)
-        prefix = torch.equal(index, torch.arange(n, device=index.device))
+    def _keep_cache(self, state: HFDecodeState, length: int, path: Tensor | None = None) -> None:
+        """Keep the first ``length`` cache positions and, for a tree, the block positions ``path``
+        after them (a gather); without a path it is a slice."""
+        if path is not None:
+            index = torch.cat([torch.arange(length, device=path.device), length + path])
         for layer in state.cache.layers:
-            if prefix:
-                layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+            if path is None:
+                layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
             else:
                 layer.keys = layer.keys.index_select(2, index)
                 layer.values = layer.values.index_select(2, index)
@@ -237,14 +240,15 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
     @torch.no_grad()
     def accept(self, state: HFDecodeState, keep: Tensor | None, counts: Tensor) -> None:
         length, count = int(state.lengths[0]), int(counts[0])
-        device = state.seq.tokens.device
-        offsets = torch.arange(count, device=device) if keep is None else keep[0, :count].to(device)
-        self._keep_cache(state, torch.cat([torch.arange(length, device=device), length + offsets]))
+        if keep is None:
+            self._keep_cache(state, length + count)
+        else:
+            self._keep_cache(state, length, keep[0, :count].to(state.seq.tokens.device))
         state.seq.commit(keep, counts)
 
     @torch.no_grad()
     def crop(self, state: HFDecodeState, lengths: Tensor) -> None:
-        self._keep_cache(state, torch.arange(int(lengths[0]), device=state.seq.tokens.device))
+        self._keep_cache(state, int(lengths[0]))
         state.seq.lengths = lengths.to(state.seq.lengths).clone()
         self.heads.crop(state.heads, state.seq.lengths)
 
@@ -264,7 +268,7 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / (HEADS_WEIGHTS + ".tmp")
         state = {k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}
-        if self.adaptation["layers"]:
+        if self.trains_base:
             state.update({BASE_PREFIX + k: v.contiguous() for k, v in trainable_base_state(self.base).items()})
         save_file(state, str(tmp))
         tmp.replace(out / HEADS_WEIGHTS)

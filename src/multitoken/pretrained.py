@@ -296,21 +296,27 @@ def _pack_tokens(tokenizer, texts: Iterable[str], seq_len: int, max_tokens: int 
     return np.asarray(ids[:n], dtype=np.int64)
 
 
+def hidden_at_layer(model, input_ids: Tensor, layer: int | None = None) -> tuple[Tensor, Tensor]:
+    """(hidden at ``layer``, final post-norm hidden), both (B, T, d), for input_ids (B, T).
+    ``layer`` None: the final one (the ``lm_head`` input); i: the input of decoder layer i."""
+    out = model.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=layer is not None)
+    final = out.last_hidden_state
+    return (final if layer is None else out.hidden_states[layer]), final
+
+
 @torch.inference_mode()
 def base_hidden_and_greedy(model, input_ids: Tensor, chunk: int = 1024,
                            layer: int | None = None) -> tuple[Tensor, Tensor]:
-    """Final post-norm hidden states (the ``lm_head`` input; with ``layer``, the input of decoder
-    layer ``layer`` instead) and the greedy next tokens.
+    """Hidden states at ``layer`` (:func:`hidden_at_layer`) and the greedy next tokens.
 
     input_ids: (B, T) long -> hidden (B, T, d) in the model dtype, greedy (B, T) long.
     The (B, T, V) logits are never materialised at once: ``lm_head`` runs on ``chunk`` rows.
     """
-    out = model.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=layer is not None)
-    final = out.last_hidden_state  # (B, T, d)
+    hidden, final = hidden_at_layer(model, input_ids, layer)
     head = model.get_output_embeddings()
     flat = final.reshape(-1, final.shape[-1])  # (B*T, d)
     greedy = torch.cat([head(flat[i:i + chunk]).argmax(-1) for i in range(0, flat.shape[0], chunk)])
-    return (final if layer is None else out.hidden_states[layer]), greedy.view(final.shape[:2])
+    return hidden, greedy.view(final.shape[:2])
 
 
 def _check_head_input(model, input_ids: Tensor, hidden: Tensor) -> None:
