@@ -579,6 +579,12 @@ def demo_decode(ckpt, prompt: str = DEMO_PROMPT, max_new_tokens: int = 256) -> i
     return 0 if all(r.tokens == plain.tokens for _, r in rows) else 1
 
 
+def _add_fast_kernels_flag(parser) -> None:
+    parser.add_argument("--no-fast-kernels", action="store_true",
+                        help="keep F.linear in the base's decode passes (default on CPU: oneDNN reordered weights, "
+                             "see multitoken.kernels)")
+
+
 def add_generate(sub: argparse._SubParsersAction) -> None:
     from .generate import MODES
     g = sub.add_parser("generate", help="generate text: plain, self-speculative, draft-model or tree decoding")
@@ -588,9 +594,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", help="prompt text")
     g.add_argument("--prompt-file", help="read the prompt from this file (UTF-8; bad bytes replaced)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--no-fast-kernels", action="store_true",
-                   help="keep F.linear in the base's decode passes (default on CPU: oneDNN reordered weights, "
-                        "see multitoken.kernels)")
+    _add_fast_kernels_flag(g)
     g.add_argument("--mode", choices=MODES, default="spec", help="decoding algorithm (default: spec)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples losslessly")
@@ -680,7 +684,7 @@ def add_bench_decode(bsub: argparse._SubParsersAction) -> None:
     hf.add_argument("--prose", metavar="FILE", help="prose prompts, one per line (default: 12 built-in requests)")
     hf.add_argument("--prose-prompts", type=int, default=10, help="prose prompts used (default 10)")
     hf.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for HF (default 10)")
-    hf.add_argument("--no-fast-kernels", action="store_true", help="keep F.linear in the base's decode passes")
+    _add_fast_kernels_flag(hf)
     d.set_defaults(func=cmd_bench_decode)
 
 
@@ -750,6 +754,7 @@ def cmd_heads_bench(args: argparse.Namespace) -> int:
     from .bench_decode import machine_description
     from .bench_hf import (CODE_INSTRUCTION, PROSE_PROMPTS, bench_hf_decode, chat_ids, code_snippets, markdown,
                            read_prompts, verify_costs)
+    from .heads_train import interleave
     from .hf_heads import load_heads_model
     from .tree import resolve_tree
 
@@ -760,8 +765,7 @@ def cmd_heads_bench(args: argparse.Namespace) -> int:
     code = [("code", chat_ids(hf, CODE_INSTRUCTION.format(code=c))) for c in code_snippets(hf, args.code_prompts)]
     texts = read_prompts(args.prose) if args.prose else PROSE_PROMPTS
     prose = [("prose", chat_ids(hf, p)) for p in texts[:args.prose_prompts]]
-    # alternate code and prose, so that an interrupted run still covers both halves
-    prompts = [p for pair in zip(code, prose) for p in pair] + code[len(prose):] + prose[len(code):]
+    prompts = list(interleave(code, prose, 2))  # alternating: an interrupted run still covers both halves
     tree = resolve_tree(args.tree, args.heads, model.n_future - 1) if "tree" in args.decoders else None
     verify = verify_costs(model, [1, 2, 3, 4, 8, 16]) if args.verify_cost else None
     result = bench_hf_decode(model, hf, prompts, args.max_new_tokens, args.decoders, args.num_draft, tree,
@@ -838,9 +842,7 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
                                   "next to the heads, else the medium preset)")
     b.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for HF (default 10)")
     b.add_argument("--verify-cost", action="store_true", help="also time one verify pass per width 1..16")
-    b.add_argument("--no-fast-kernels", action="store_true",
-                   help="keep F.linear in the base's decode passes (default on CPU: oneDNN reordered weights, "
-                        "see multitoken.kernels)")
+    _add_fast_kernels_flag(b)
     b.add_argument("--threads", type=int, help="torch CPU threads")
     b.add_argument("--json", help="write rows + per-prompt results as JSON")
     b.add_argument("--markdown", help="write the markdown table")

@@ -20,13 +20,14 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+T = TypeVar("T")
 PROSE = "<prose>"  # data source: the English documentation topics shipped with the stdlib (pydoc_data)
 
 
@@ -69,10 +70,12 @@ def training_texts(data: Sequence[str] | None = None, val_fraction: float = 0.05
             docs += [(d.name, d.text) for d in iter_documents(other)]
     docs.sort(key=lambda nd: _order_key(nd[0]))
     extra = sorted(prose_documents(), key=lambda nd: _order_key(nd[0])) if prose else []
-    yield from _interleave([t[:max_chars] for _, t in docs], [t[:max_chars] for _, t in extra], prose_every)
+    yield from interleave([t[:max_chars] for _, t in docs], [t[:max_chars] for _, t in extra], prose_every)
 
 
-def _interleave(main: list[str], extra: list[str], every: int) -> Iterator[str]:
+def interleave(main: Sequence[T], extra: Sequence[T], every: int) -> Iterator[T]:
+    """``main`` with an item of ``extra`` as every ``every``-th item, then what remains of either
+    (every=2: main[0], extra[0], main[1], extra[1], ...)."""
     i = j = 0
     while i < len(main) or j < len(extra):
         if j < len(extra) and (i >= len(main) or (i + j + 1) % every == 0):
@@ -506,8 +509,7 @@ def distill_prompts(tokenizer, texts: Sequence[str], n: int, snippet_tokens: int
         return [h for h in heads if h.strip()][:n]
     code = [CODE_INSTRUCTION.format(code=c) for c in code_snippets(tokenizer, (n + 1) // 2, snippet_tokens, split="train")]
     prose = prose_tasks()[:n - len(code)]
-    mixed = [p for pair in zip(code, prose) for p in pair] + code[len(prose):] + prose[len(code):]
-    return [apply_chat_template_or_fail(tokenizer, p) for p in mixed]
+    return [apply_chat_template_or_fail(tokenizer, p) for p in interleave(code, prose, 2)]
 
 
 @torch.inference_mode()

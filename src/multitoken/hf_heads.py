@@ -255,8 +255,7 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
     @torch.no_grad()
     def draft(self, state: HFDecodeState, next_tokens: Tensor, num_draft: int,
               pick: DraftPicker) -> tuple[Tensor, Tensor]:
-        if not 0 <= num_draft <= self.cfg.n_future - 1:
-            raise ValueError(f"num_draft={num_draft} but the heads have {self.cfg.n_future - 1} draft heads")
+        self.check_num_draft(num_draft)
         head = self.lm_head if self.draft_head is None else self.draft_head
         return self.heads.draft(state.heads, state.seq, next_tokens, num_draft, pick, head, self.embed, self.rope)
 

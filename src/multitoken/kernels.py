@@ -50,8 +50,7 @@ class BlockLinear(nn.Linear):
     def __getstate__(self) -> dict:
         """Copies and pickles leave the reordered weight out (an opaque oneDNN tensor that cannot
         be serialised); it is rebuilt on first use."""
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k not in ("_packed", "_packed_version")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_packed", "_packed_version")}
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // max(1, x.shape[-1])

@@ -145,7 +145,6 @@ class MTPModel(ConfigDecoderAttributes, nn.Module):
     @torch.no_grad()
     def draft(self, state: NativeDecodeState, next_tokens: Tensor, num_draft: int,
               pick: DraftPicker) -> tuple[Tensor, Tensor]:
-        if not 0 <= num_draft <= self.cfg.n_future - 1:
-            raise ValueError(f"num_draft={num_draft} but the model has {self.cfg.n_future - 1} draft heads")
+        self.check_num_draft(num_draft)
         return self.heads.draft(state.heads, state.seq, next_tokens, num_draft, pick,
                                 self.lm_head, self.embed, self.rope)

@@ -90,3 +90,8 @@ class ConfigDecoderAttributes:
     @property
     def max_seq_len(self) -> int:
         return self.cfg.max_seq_len
+
+    def check_num_draft(self, num_draft: int) -> None:
+        """``draft`` can run heads 1..n_future-1 only."""
+        if not 0 <= num_draft <= self.cfg.n_future - 1:
+            raise ValueError(f"num_draft={num_draft} but the model has {self.cfg.n_future - 1} draft heads")

@@ -100,6 +100,12 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------- plots
 def _x(rows: list[dict]) -> tuple[list, str]:
     if rows and all("tokens" in r for r in rows):
@@ -134,9 +140,7 @@ def plot_training(train: list[dict], val: list[dict], path: Path) -> None:
             ax.legend(fontsize=7)
     axes[0].set_title("loss per head")
     axes[1].set_title("accuracy per head")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_acceptance(rows: list[dict], path: Path) -> None:
@@ -154,9 +158,7 @@ def plot_acceptance(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_decoding(rows: list[dict], path: Path) -> None:
@@ -173,9 +175,7 @@ def plot_decoding(rows: list[dict], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
         if key == "speedup":
             ax.axhline(1.0, color="k", lw=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_memory(rows: list[dict], path: Path) -> None:
@@ -197,9 +197,7 @@ def plot_memory(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=8)
     axes[0].set_title("memory vs n_future")
     axes[1].set_title("time vs n_future")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_train_bench(rows: list[dict], path: Path) -> None:
@@ -216,9 +214,7 @@ def plot_train_bench(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("step time / next-token step time")
     ax.set_title("training-step cost of MTP")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 # ---------------------------------------------------------------------------- markdown

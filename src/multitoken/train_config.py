@@ -172,12 +172,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in known:
-                raise ValueError(f"unknown config key {key!r} in {source}; allowed: {', '.join(known)}")
+        _check_top_keys(data, source)
         return cls(**data)
 
     def replace(self, **changes) -> "TrainConfig":
@@ -325,14 +320,19 @@ def preset(name: str) -> dict:
     return json.loads(json.dumps(PRESETS[name]))  # a deep copy
 
 
-def _check_keys(layer: dict, source: str) -> None:
-    """Unknown keys are reported with the file (or flag) they came from."""
+def _check_top_keys(layer: dict, source: str) -> None:
+    """A mapping whose keys are all TrainConfig fields; errors name the file (or flag) it came from."""
     if not isinstance(layer, dict):
         raise ValueError(f"{source}: expected a mapping of config keys, got {type(layer).__name__}")
     known = [f.name for f in dataclasses.fields(TrainConfig)]
     for key in layer:
         if key not in known:
             raise ValueError(f"unknown config key {key!r} in {source}; allowed: {', '.join(known)}")
+
+
+def _check_keys(layer: dict, source: str) -> None:
+    """Unknown keys, nested ``model.*`` ones included, are reported with their source."""
+    _check_top_keys(layer, source)
     if isinstance(layer.get("model"), dict):
         for key in layer["model"]:
             if key not in _MODEL_FIELDS:
