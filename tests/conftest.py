@@ -94,3 +94,11 @@ def corpus(tmp_path_factory):
 def token_cache(tmp_path_factory, monkeypatch):
     """One token cache per test session, never the user's ~/.cache (use with usefixtures)."""
     monkeypatch.setenv("MULTITOKEN_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
+
+
+def hf_greedy(base, ids: torch.Tensor, max_new_tokens: int, **kwargs) -> list[int]:
+    """HF ``generate`` greedy continuation of ids (1, T). Every prompt token is attended: without
+    an explicit mask, HF treats prompt tokens equal to pad_token_id as padding."""
+    out = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                        **kwargs)
+    return out[0, ids.shape[1]:].tolist()

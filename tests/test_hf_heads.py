@@ -1,6 +1,7 @@
 """MTP heads on a tiny random Hugging Face Llama: protocol exactness, identity with base.generate."""
 import pytest
 import torch
+from conftest import hf_greedy
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -21,27 +22,30 @@ def tiny_llama(seed=0, vocab=64):
     return model
 
 
-def wrapped(base, head_type, n_future=4, std=0.3, fast_kernels=True):
-    model = MTPHeadsForCausalLM(base, n_future, head_type, fast_kernels=fast_kernels)
+def wrapped(base, head_type, n_future=4, std=0.3, fast_kernels=True, fast_forward=True):
+    model = MTPHeadsForCausalLM(base, n_future, head_type, fast_kernels=fast_kernels, fast_forward=fast_forward)
     for p in model.heads.parameters():
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=std)
     return model
 
 
-@pytest.mark.parametrize("head_type,fast_kernels", [("residual", True), ("linear", True), ("sequential", True),
-                                                     ("sequential", False)])
-def test_greedy_modes_equal_base_generate(head_type, fast_kernels):
-    """Greedy chain/tree output equals base.generate, also through the oneDNN decode kernels
-    (the default on CPU: base.generate itself keeps F.linear)."""
+@pytest.mark.parametrize("head_type,fast_kernels,fast_forward", [
+    ("residual", True, True), ("linear", True, True), ("sequential", True, True), ("sequential", False, True),
+    ("sequential", True, False), ("residual", False, False)])
+def test_greedy_modes_equal_base_generate(head_type, fast_kernels, fast_forward):
+    """Greedy chain/tree output equals base.generate through the lean forward (static cache) and
+    HF's forward (DynamicCache), with and without the oneDNN decode kernels (the default on CPU:
+    base.generate itself keeps F.linear)."""
     from multitoken.kernels import available
     base = tiny_llama(vocab=16)  # a small vocabulary, so drafts are sometimes accepted
-    model = wrapped(base, head_type, fast_kernels=fast_kernels)
+    model = wrapped(base, head_type, fast_kernels=fast_kernels, fast_forward=fast_forward)
     assert model.fast_kernels == (fast_kernels and available())
+    assert (model.lean_forward is not None) == fast_forward
     accepted = 0
     for seed in range(3):
         prompt = torch.randint(0, 16, (1, 5 + seed), generator=torch.Generator().manual_seed(seed))
-        ref = base.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.shape[1]:].tolist()
+        ref = hf_greedy(base, prompt, 24)
         assert len(ref) == 24
         for mode in ("ar", "spec", "tree"):
             out = generate(model, prompt, 24, mode=mode)

@@ -414,7 +414,8 @@ def _load_decoder(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     if getattr(args, "base", None):
         from .hf_heads import load_heads_model
-        return load_heads_model(args.base, args.heads, fast_kernels=not args.no_fast_kernels)
+        return load_heads_model(args.base, args.heads, fast_kernels=not args.no_fast_kernels,
+                                fast_forward=not args.hf_forward)
     if not args.model:
         raise UsageError("give --model DIR (a trained multitoken checkpoint) or --base/--heads")
     from .checkpoint import load_model
@@ -579,10 +580,13 @@ def demo_decode(ckpt, prompt: str = DEMO_PROMPT, max_new_tokens: int = 256) -> i
     return 0 if all(r.tokens == plain.tokens for _, r in rows) else 1
 
 
-def _add_fast_kernels_flag(parser) -> None:
+def _add_decode_path_flags(parser) -> None:
     parser.add_argument("--no-fast-kernels", action="store_true",
                         help="keep F.linear in the base's decode passes (default on CPU: oneDNN reordered weights, "
                              "see multitoken.kernels)")
+    parser.add_argument("--hf-forward", action="store_true",
+                        help="decode through the base's own HF forward and DynamicCache (default for Llama-family "
+                             "bases: the lean forward over a static cache, see multitoken.hf_forward)")
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -594,7 +598,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", help="prompt text")
     g.add_argument("--prompt-file", help="read the prompt from this file (UTF-8; bad bytes replaced)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    _add_fast_kernels_flag(g)
+    _add_decode_path_flags(g)
     g.add_argument("--mode", choices=MODES, default="spec", help="decoding algorithm (default: spec)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples losslessly")
@@ -623,7 +627,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
             base=args.base, heads=args.heads, code_prompts=args.code_prompts, prose=args.prose,
             prose_prompts=args.prose_prompts, decoders=decoders, max_new_tokens=args.max_new_tokens,
             num_draft=args.num_draft, tree=args.tree, pld_tokens=args.pld_tokens, verify_cost=bool(args.verify_widths),
-            no_fast_kernels=args.no_fast_kernels, threads=args.threads, json=args.json, markdown=args.markdown,
+            no_fast_kernels=args.no_fast_kernels, hf_forward=args.hf_forward, threads=args.threads, json=args.json, markdown=args.markdown,
             quiet=False))
     from .bench_decode import bench_decode, machine_description, markdown_table, validation_prompts, verify_cost_table
 
@@ -684,7 +688,7 @@ def add_bench_decode(bsub: argparse._SubParsersAction) -> None:
     hf.add_argument("--prose", metavar="FILE", help="prose prompts, one per line (default: 12 built-in requests)")
     hf.add_argument("--prose-prompts", type=int, default=10, help="prose prompts used (default 10)")
     hf.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for HF (default 10)")
-    _add_fast_kernels_flag(hf)
+    _add_decode_path_flags(hf)
     d.set_defaults(func=cmd_bench_decode)
 
 
@@ -760,7 +764,8 @@ def cmd_heads_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_heads_model(args.base, args.heads, fast_kernels=not args.no_fast_kernels)
+    model, tok = load_heads_model(args.base, args.heads, fast_kernels=not args.no_fast_kernels,
+                                fast_forward=not args.hf_forward)
     hf = tok.hf
     code = [("code", chat_ids(hf, CODE_INSTRUCTION.format(code=c))) for c in code_snippets(hf, args.code_prompts)]
     texts = read_prompts(args.prose) if args.prose else PROSE_PROMPTS
@@ -772,8 +777,11 @@ def cmd_heads_bench(args: argparse.Namespace) -> int:
                              args.pld_tokens, progress=not args.quiet,
                              partial=args.json + ".partial" if args.json else None)
     result.update(verify_cost=verify, machine=machine_description(), python=platform.python_version(),
-                  base=args.base, heads=args.heads, tree=tree if not hasattr(tree, "paths") else tree.paths)
-    table = markdown(result, f"decode: {args.base} + heads {args.heads}", result["machine"], verify)
+                  base=args.base, heads=args.heads, tree=tree if not hasattr(tree, "paths") else tree.paths,
+                  decode_path={"lean_forward": model.lean_forward is not None, "fast_kernels": model.fast_kernels})
+    path = " + ".join(n for n, on in (("lean forward", model.lean_forward is not None),
+                                      ("oneDNN kernels", model.fast_kernels)) if on) or "HF forward, F.linear"
+    table = markdown(result, f"decode: {args.base} + heads {args.heads}", f"{result['machine']}; {path}", verify)
     print(table)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -842,7 +850,7 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
                                   "next to the heads, else the medium preset)")
     b.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for HF (default 10)")
     b.add_argument("--verify-cost", action="store_true", help="also time one verify pass per width 1..16")
-    _add_fast_kernels_flag(b)
+    _add_decode_path_flags(b)
     b.add_argument("--threads", type=int, help="torch CPU threads")
     b.add_argument("--json", help="write rows + per-prompt results as JSON")
     b.add_argument("--markdown", help="write the markdown table")

@@ -2,9 +2,11 @@
 
 ``MTPHeadsForCausalLM(base, n_future, head_type)`` puts heads 1..n-1 (``residual``,
 ``linear`` or ``sequential``) on the base's final-norm hidden state (the ``lm_head`` input)
-and shares the base's ``lm_head`` and input embedding. Decoding uses the HF KV cache
-(``DynamicCache``), rolled back or compacted after each verify, so `multitoken.generate`
-runs plain, self-speculative and tree decoding on it unchanged (batch 1).
+and shares the base's ``lm_head`` and input embedding. Decoding runs Llama-family bases
+through :mod:`multitoken.hf_forward` (the base's own modules over a static KV cache) and any
+other causal LM through its HF forward and ``DynamicCache``; either cache is rolled back or
+compacted after each verify, so `multitoken.generate` runs plain, self-speculative and tree
+decoding on it unchanged (batch 1).
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from torch import Tensor, nn
 from .adapt import BaseAdaptationError, adapt_base, cache_layer, run_top_layers, trainable_base_state
 from .config import MTPConfig
 from .heads import CommittedSequence, HeadsDecodeState, MTPHeads
+from .hf_forward import LeanDecoderForward, lean_forward_unsupported
 from .kernels import block_kernels, install_block_linears
-from .layers import RotaryEmbedding
+from .layers import KVCache, RotaryEmbedding
 from .pretrained import hidden_at_layer
 from .protocol import ConfigDecoderAttributes, DraftPicker
 
@@ -46,14 +49,14 @@ def heads_config_for(base_config, n_future: int, head_type: str, d_ff: int | Non
     n_head = c.num_attention_heads
     return MTPConfig(vocab_size=c.vocab_size, d_model=c.hidden_size, n_layer=1, n_head=n_head,
                      n_kv_head=getattr(c, "num_key_value_heads", None) or n_head,
-                     d_ff=d_ff or c.intermediate_size, max_seq_len=c.max_position_embeddings,
+                     d_ff=d_ff or getattr(c, "intermediate_size", None) or 4 * c.hidden_size, max_seq_len=c.max_position_embeddings,
                      rope_theta=_rope_theta(c), norm_eps=getattr(c, "rms_norm_eps", 1e-5),
                      n_future=n_future, head_type=head_type, share_embeddings=head_type != "linear")
 
 
 @dataclass
 class HFDecodeState:
-    cache: object  # transformers DynamicCache
+    cache: KVCache | object  # KVCache (lean forward) or a transformers DynamicCache
     seq: CommittedSequence
     heads: HeadsDecodeState
     capacity: int
@@ -92,11 +95,14 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
 
     def __init__(self, base: nn.Module, n_future: int = 4, head_type: str = "residual", d_ff: int | None = None,
                  freeze_base: bool = True, identity: dict | None = None, fast_kernels: bool = True,
-                 train_base_layers: int = 0, lora_rank: int = 0):
+                 train_base_layers: int = 0, lora_rank: int = 0, fast_forward: bool = True):
         """fast_kernels: decode passes of a float32 CPU base multiply through oneDNN-reordered
         weights (:mod:`multitoken.kernels`; the base's ``nn.Linear`` layers become ``BlockLinear``,
         which is ``F.linear`` everywhere else). A block of 4 tokens then costs ~1.2x one token
         instead of ~1.8x on a 2-core CPU, at the price of a second copy of the weights.
+        fast_forward: decode Llama-family bases with :class:`LeanDecoderForward` (same modules,
+        same operations, a static KV cache, none of HF's per-call machinery); other bases, or
+        False, use the HF forward and ``DynamicCache``.
         train_base_layers / lora_rank: also train the base's top N layers, in full or through
         LoRA adapters (:mod:`multitoken.adapt`); decoding then reproduces the adapted base."""
         super().__init__()
@@ -114,11 +120,13 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
             for p in self.base.parameters():
                 p.requires_grad_(False)
         self.heads.to(device=self._device(), dtype=self._dtype())
-        params = inspect.signature(type(self.base.model).forward).parameters
+        params = inspect.signature(type(self.base.base_model).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.draft_head: DraftVocabHead | None = None  # set_draft_vocab: drafts over N ids only
         self.fast_kernels = fast_kernels and self._device().type == "cpu" and self._dtype() == torch.float32 \
-            and install_block_linears(self.base) > 0
+            and install_block_linears(self) > 0  # the base's linears and the heads'
+        self.lean_forward = LeanDecoderForward(self.base) \
+            if fast_forward and lean_forward_unsupported(self.base) is None else None
 
     # ----------------------------------------------------------------- draft vocabulary
     @property
@@ -195,15 +203,31 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
     def new_state(self, batch_size: int, capacity: int) -> HFDecodeState:
         if batch_size != 1:
             raise ValueError("Hugging Face models decode one prompt at a time here (batch size 1)")
-        from transformers import DynamicCache
         device, dtype = self._device(), self._dtype()
-        return HFDecodeState(DynamicCache(config=self.base.config),
+        if self.lean_forward is not None:
+            cache = self.lean_forward.new_cache(batch_size, capacity, dtype, device)
+        else:
+            from transformers import DynamicCache
+            cache = DynamicCache(config=self.base.config)
+        return HFDecodeState(cache,
                              CommittedSequence(1, capacity, self.cfg.d_model, dtype, device),
                              self.heads.new_decode_state(1, capacity, self.cfg, dtype, device), capacity)
 
     @torch.no_grad()
     def verify(self, state: HFDecodeState, tokens: Tensor, tree_mask: Tensor | None = None,
                depths: Tensor | None = None) -> Tensor:
+        with block_kernels(self.fast_kernels):
+            if self.lean_forward is not None:
+                hidden = self.lean_forward(tokens, state.cache, depths, tree_mask)  # (1, W, d) final-norm
+            else:
+                hidden = self._hf_forward(state, tokens, tree_mask, depths)
+            logits = self.lm_head(hidden).float()
+        state.seq.stage(tokens, hidden)
+        return logits
+
+    def _hf_forward(self, state: HFDecodeState, tokens: Tensor, tree_mask: Tensor | None,
+                    depths: Tensor | None) -> Tensor:
+        """The base's own forward over a ``DynamicCache`` -> final-norm hidden (1, W, d)."""
         length, width = int(state.lengths[0]), tokens.shape[1]
         if depths is None:
             depths = torch.arange(width, device=tokens.device)
@@ -219,11 +243,7 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
             mask = torch.cat([prefix, tm], dim=2)[:, None]  # (1, 1, W, L + W) True = attend
             kwargs["attention_mask"] = torch.zeros(mask.shape, dtype=self._dtype(), device=tokens.device) \
                 .masked_fill(~mask, torch.finfo(self._dtype()).min)
-        with block_kernels(self.fast_kernels):
-            hidden = self.base.model(input_ids=tokens, **kwargs).last_hidden_state  # (1, W, d) final-norm
-            logits = self.lm_head(hidden).float()
-        state.seq.stage(tokens, hidden)
-        return logits
+        return self.base.base_model(input_ids=tokens, **kwargs).last_hidden_state
 
     def _keep_cache(self, state: HFDecodeState, length: int, path: Tensor | None = None) -> None:
         """Keep the first ``length`` cache positions and, for a tree, the block positions ``path``
@@ -240,7 +260,9 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
     @torch.no_grad()
     def accept(self, state: HFDecodeState, keep: Tensor | None, counts: Tensor) -> None:
         length, count = int(state.lengths[0]), int(counts[0])
-        if keep is None:
+        if isinstance(state.cache, KVCache):
+            state.cache.commit(keep, counts.to(state.cache.lengths))
+        elif keep is None:
             self._keep_cache(state, length + count)
         else:
             self._keep_cache(state, length, keep[0, :count].to(state.seq.tokens.device))
@@ -248,7 +270,10 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
 
     @torch.no_grad()
     def crop(self, state: HFDecodeState, lengths: Tensor) -> None:
-        self._keep_cache(state, int(lengths[0]))
+        if isinstance(state.cache, KVCache):
+            state.cache.crop(lengths.to(state.cache.lengths))
+        else:
+            self._keep_cache(state, int(lengths[0]))
         state.seq.lengths = lengths.to(state.seq.lengths).clone()
         self.heads.crop(state.heads, state.seq.lengths)
 
@@ -257,7 +282,8 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
               pick: DraftPicker) -> tuple[Tensor, Tensor]:
         self.check_num_draft(num_draft)
         head = self.lm_head if self.draft_head is None else self.draft_head
-        return self.heads.draft(state.heads, state.seq, next_tokens, num_draft, pick, head, self.embed, self.rope)
+        with block_kernels(self.fast_kernels):
+            return self.heads.draft(state.heads, state.seq, next_tokens, num_draft, pick, head, self.embed, self.rope)
 
     # ----------------------------------------------------------------- heads on disk
     def save_heads(self, out_dir: str | Path, extra: dict | None = None) -> Path:
@@ -282,7 +308,7 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
 
     @classmethod
     def from_heads(cls, base: nn.Module, heads_dir: str | Path, identity: dict | None = None,
-                   fast_kernels: bool = True) -> "MTPHeadsForCausalLM":
+                   fast_kernels: bool = True, fast_forward: bool = True) -> "MTPHeadsForCausalLM":
         """Attach saved heads to ``base``; refuse heads trained for another base or vocabulary."""
         from safetensors.torch import load_file
         heads_dir = Path(heads_dir)
@@ -303,7 +329,8 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
                                      f"(fingerprint {saved['fingerprint']}), not this one ({identity.get('fingerprint')})")
         adaptation = meta.get("base_adaptation") or {}
         model = cls(base, cfg.n_future, cfg.head_type, d_ff=cfg.d_ff, identity=identity or saved,
-                    fast_kernels=fast_kernels, train_base_layers=int(adaptation.get("layers", 0)),
+                    fast_kernels=fast_kernels, fast_forward=fast_forward,
+                    train_base_layers=int(adaptation.get("layers", 0)),
                     lora_rank=int(adaptation.get("lora_rank", 0)))
         try:
             state = load_file(str(heads_dir / HEADS_WEIGHTS))
@@ -353,12 +380,13 @@ class HFTokenizer:
 
 
 def load_heads_model(base: str, heads_dir: str | None, dtype: torch.dtype | str = torch.float32,
-                     fast_kernels: bool = True):
+                     fast_kernels: bool = True, fast_forward: bool = True):
     """(MTPHeadsForCausalLM with the saved heads, HFTokenizer) for `generate --base ... --heads ...`."""
     from .pretrained import model_identity
     model, tokenizer = load_base(base, dtype)
     identity = model_identity(model, tokenizer)
     if heads_dir is None:
         raise ValueError("--base needs --heads DIR (heads trained with `multitoken heads train`)")
-    heads = MTPHeadsForCausalLM.from_heads(model, heads_dir, identity, fast_kernels=fast_kernels)
+    heads = MTPHeadsForCausalLM.from_heads(model, heads_dir, identity, fast_kernels=fast_kernels,
+                                           fast_forward=fast_forward)
     return heads.eval(), HFTokenizer(tokenizer)

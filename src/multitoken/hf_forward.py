@@ -1,0 +1,104 @@
+"""A lean decode forward for Llama-family Hugging Face models, over a static KV cache.
+
+Every verify pass of a wrapped base runs its decoder layers on a block of 1..16 new tokens.
+Through ``base.model(...)`` each pass also pays Hugging Face's per-call machinery (mask
+construction, output capture, ``DynamicCache`` concatenation of every layer's keys and
+values, which copies the whole cache on every pass). This module runs the same modules of
+the same model (norms, projections, MLP, the model's own rotary embedding) in the same order
+with the same operations, but writes keys and values into the preallocated
+:class:`multitoken.layers.KVCache`, so a rollback is a length change and a tree accept moves
+only the kept block entries. On a 2-core CPU this takes a 4-token SmolLM2-135M pass from
+~59 ms to ~51 ms (``bench/smollm2/decode_forward.md``); hidden states match the HF forward
+(bitwise in the measurements there, and to float tolerance in the tests).
+
+Only architectures whose decoder layer is exactly Llama's (pre-norm attention with rotary
+positions and grouped-query heads, then a pre-norm MLP) over full causal attention qualify;
+:func:`lean_forward_unsupported` says why another one does not, and the wrapper then keeps
+HF's forward and ``DynamicCache``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import KVCache, PassContext, apply_rope, block_attention_mask
+
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+_ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")
+
+
+def lean_forward_unsupported(base: nn.Module) -> str | None:
+    """None if :class:`LeanDecoderForward` reproduces ``base``'s forward, else the reason why not."""
+    cfg = base.config
+    if cfg.model_type not in LEAN_MODEL_TYPES:
+        return f"model_type {cfg.model_type!r} is not one of {', '.join(LEAN_MODEL_TYPES)}"
+    inner = getattr(base, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "the base has no Llama-style .model (embed_tokens, layers, norm, rotary_emb)"
+    for layer in inner.layers:
+        if not all(hasattr(layer, a) for a in _LAYER_PARTS) or not all(hasattr(layer.self_attn, a) for a in _ATTN_PARTS):
+            return f"decoder layer {type(layer).__name__} is not Llama-shaped"
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types) or (
+            getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True)):
+        return "sliding-window attention"
+    return None
+
+
+class LeanDecoderForward:
+    """Decode passes of a Llama-family base over a :class:`KVCache` (batch 1 or more rows)."""
+
+    def __init__(self, base: nn.Module):
+        reason = lean_forward_unsupported(base)
+        if reason is not None:
+            raise ValueError(f"no lean decode forward for this base: {reason}")
+        self.model = base.model
+        cfg = base.config
+        attn = self.model.layers[0].self_attn
+        self.n_head, self.n_kv_head = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = attn.head_dim
+
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype, device) -> KVCache:
+        return KVCache(len(self.model.layers), batch_size, self.n_kv_head, self.head_dim, capacity, dtype, device)
+
+    def _context(self, x: Tensor, cache: KVCache, depths: Tensor, tree_mask: Tensor | None) -> PassContext:
+        """Slots, positions and mask of a block appended after each row's committed prefix."""
+        batch, width = x.shape[:2]
+        kv_len = int(cache.lengths.max()) + width
+        if kv_len > cache.capacity:
+            raise ValueError(f"KV cache full: need {kv_len} slots, capacity is {cache.capacity}")
+        positions = cache.lengths[:, None] + depths.to(x.device).reshape(-1, width).expand(batch, width)  # (B, W)
+        cos, sin = self.model.rotary_emb(x, positions)  # (B, W, Dh): the model's own rope (scaling included)
+        slots = cache.lengths[:, None] + torch.arange(width, device=x.device)
+        # A one-token pass needs no mask; a whole prompt on an empty cache is plain causal.
+        fresh = bool((cache.lengths == 0).all()) and tree_mask is None
+        mask = None if width == 1 or fresh else block_attention_mask(cache.lengths, width, kv_len, tree_mask)
+        return PassContext(cos.unsqueeze(1), sin.unsqueeze(1), slots, mask, kv_len)
+
+    def __call__(self, tokens: Tensor, cache: KVCache, depths: Tensor | None = None,
+                 tree_mask: Tensor | None = None) -> Tensor:
+        """tokens (B, W) at positions lengths + depths -> final-norm hidden states (B, W, d).
+
+        Writes the block's keys/values as pending cache entries (``cache.commit`` keeps them).
+        """
+        batch, width = tokens.shape
+        if depths is None:
+            depths = torch.arange(width, device=tokens.device)
+        x = self.model.embed_tokens(tokens)  # (B, W, d)
+        ctx = self._context(x, cache, depths, tree_mask)
+        causal = ctx.mask is None and width > 1
+        for i, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(batch, width, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, W, Dh)
+            k = attn.k_proj(h).view(batch, width, self.n_kv_head, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(batch, width, self.n_kv_head, self.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+            keys, values = cache.write(i, k, v, ctx)  # (B, Hkv, S, Dh)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, is_causal=causal,
+                                                 scale=attn.scaling, enable_gqa=self.n_head != self.n_kv_head)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.norm(x)
