@@ -78,7 +78,7 @@ def _hf_generate(base, ids: torch.Tensor, max_new: int, eos: int | None, pld: in
     if pld:
         kw["prompt_lookup_num_tokens"] = pld
     start = time.perf_counter()
-    out = base.generate(ids, **kw)
+    out = base.generate(ids, attention_mask=torch.ones_like(ids), **kw)  # no prompt token is padding
     return out[0, ids.shape[1]:].tolist(), time.perf_counter() - start
 
 

@@ -7,9 +7,11 @@ values, which copies the whole cache on every pass). This module runs the same m
 the same model (norms, projections, MLP, the model's own rotary embedding) in the same order
 with the same operations, but writes keys and values into the preallocated
 :class:`multitoken.layers.KVCache`, so a rollback is a length change and a tree accept moves
-only the kept block entries. On a 2-core CPU this takes a 4-token SmolLM2-135M pass from
-~59 ms to ~51 ms (``bench/smollm2/decode_forward.md``); hidden states match the HF forward
-(bitwise in the measurements there, and to float tolerance in the tests).
+only the kept block entries. On a 2-core CPU, with the oneDNN kernels of
+:mod:`multitoken.kernels`, this took a 4-token SmolLM2-135M pass (decoder layers only) from
+~59 ms to ~51 ms in a side-by-side timing (``bench/smollm2/NOTES.md`` §8; whole verify passes:
+the verify-cost table of ``bench/smollm2/decode.md``); the hidden states were bitwise HF's
+there, and match to float tolerance in the tests.
 
 Only architectures whose decoder layer is exactly Llama's (pre-norm attention with rotary
 positions and grouped-query heads, then a pre-norm MLP) over full causal attention qualify;
