@@ -18,9 +18,10 @@ import torch
 
 from .generate import generate
 
-DECODERS = ("hf", "hf_pld", "ar", "spec", "tree")
+DECODERS = ("hf", "hf_pld", "ar", "spec", "spec_adaptive", "tree")
+MULTITOKEN_DECODERS = ("ar", "spec", "spec_adaptive", "tree")
 LABELS = {"hf": "HF generate greedy", "hf_pld": "HF prompt lookup", "ar": "multitoken plain",
-          "spec": "multitoken chain", "tree": "multitoken tree"}
+          "spec": "multitoken chain", "spec_adaptive": "multitoken chain, adaptive k", "tree": "multitoken tree"}
 CODE_INSTRUCTION = "Continue this Python code:\n\n```python\n{code}```"
 PROSE_PROMPTS = (  # written for this benchmark; each is one user turn in the chat template
     'Explain in a few paragraphs why the sky is blue, for a curious ten-year-old.',
@@ -84,23 +85,25 @@ def _hf_generate(base, ids: torch.Tensor, max_new: int, eos: int | None, pld: in
 
 def bench_hf_decode(model, tokenizer, prompts: Sequence[tuple[str, Sequence[int]]], max_new_tokens: int = 128,
                     decoders: Sequence[str] = DECODERS, num_draft: int | None = None, tree=None,
-                    pld_tokens: int = 10, progress: bool = True, partial: str | Path | None = None) -> dict:
+                    pld_tokens: int = 10, progress: bool = True, partial: str | Path | None = None,
+                    draft_cost: float = 0.1) -> dict:
     """prompts: (group, token ids) pairs. Returns {"rows": [...], "per_prompt": [...]}: one row per
-    (group, decoder) plus an "all" group; speed-up and identity are against HF greedy."""
+    (group, decoder) plus an "all" group; speed-up and identity are against HF greedy.
+    ``spec_adaptive`` is the chain with each step's draft length chosen at ``draft_cost``."""
     from tqdm import tqdm
 
     eos = tokenizer.eos_token_id
     decoders = ["hf"] + [d for d in decoders if d != "hf"]
     warm = torch.tensor([list(prompts[0][1])])
     for d in decoders:  # first-call allocations must not count
-        _run(model, d, warm, 4, eos, num_draft, tree, pld_tokens)
+        _run(model, d, warm, 4, eos, num_draft, tree, pld_tokens, draft_cost)
     per_prompt = []
     for group, ids in tqdm(prompts, desc="bench hf decode", disable=not progress):
         x = torch.tensor([list(ids)])
         rec = {"group": group, "prompt_tokens": len(ids)}
         ref = None
         for d in decoders:
-            tokens, wall, stats = _run(model, d, x, max_new_tokens, eos, num_draft, tree, pld_tokens)
+            tokens, wall, stats = _run(model, d, x, max_new_tokens, eos, num_draft, tree, pld_tokens, draft_cost)
             ref = tokens if d == "hf" else ref
             rec[d] = {"tokens": len(tokens), "wall_s": wall, "identical": tokens == ref, **stats}
         per_prompt.append(rec)
@@ -122,7 +125,7 @@ def summarize(per_prompt: list[dict], decoders: Sequence[str], max_new_tokens: i
                    "new_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
                    "speedup": tokens / wall / hf_tps, "identical": all(r[d]["identical"] for r in recs),
                    "identical_prompts": sum(r[d]["identical"] for r in recs)}
-            if d in ("ar", "spec", "tree"):
+            if d in MULTITOKEN_DECODERS:
                 passes = sum(r[d]["passes"] for r in recs)
                 # tokens per decode pass: the prefill pass emits each prompt's first token
                 row["tau"] = (tokens - len(recs)) / max(1, passes - len(recs))
@@ -135,20 +138,20 @@ def summarize(per_prompt: list[dict], decoders: Sequence[str], max_new_tokens: i
     return {"rows": rows, "per_prompt": per_prompt, "max_new_tokens": max_new_tokens, "pld_tokens": pld_tokens}
 
 
-def _run(model, decoder: str, x: torch.Tensor, max_new: int, eos, num_draft, tree, pld: int):
+def _run(model, decoder: str, x: torch.Tensor, max_new: int, eos, num_draft, tree, pld: int, draft_cost: float):
     if decoder in ("hf", "hf_pld"):
         tokens, wall = _hf_generate(model.base, x, max_new, eos, pld if decoder == "hf_pld" else None)
         return tokens, wall, {}
-    kw = {"num_draft": num_draft} if decoder in ("spec", "tree") else {}
+    mode = "spec" if decoder == "spec_adaptive" else decoder
+    kw = {"num_draft": num_draft} if mode in ("spec", "tree") else {}
     if decoder == "tree":
         kw["tree"] = tree
-    out = generate(model, x, max_new, mode=decoder, eos_id=eos, **kw)
+    if decoder == "spec_adaptive":
+        kw["draft_cost"] = draft_cost
+    out = generate(model, x, max_new, mode=mode, eos_id=eos, **kw)
     s = out.stats
-    hist = s.accepted_histogram or []
-    att = [sum(hist[i:]) for i in range(len(hist) - 1)]
-    acc = [sum(hist[i + 1:]) for i in range(len(hist) - 1)]
-    return out.tokens[0], s.wall_s, {"passes": s.forward_passes, "accepted": acc, "attempted": att,
-                                     "nodes": s.tree_nodes_per_step * s.forward_passes}
+    return out.tokens[0], s.wall_s, {"passes": s.forward_passes, "accepted": s.draft_accepted,
+                                     "attempted": s.draft_attempted, "nodes": s.tree_nodes_per_step * s.forward_passes}
 
 
 def markdown(result: dict, title: str, machine: str, verify: list[dict] | None = None) -> str:

@@ -501,8 +501,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = generate(model, [torch.tensor(ids)], args.max_new_tokens, mode=args.mode, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, draft_model=draft_model, num_draft=args.num_draft,
                       eos_id=eos, seed=args.seed, tree=_tree_for(args, model) if args.mode == "tree" else None,
-                      tree_budget=args.tree_budget,
-                      on_tokens=stream, truncate=args.truncate)
+                      tree_budget=args.tree_budget, on_tokens=stream, truncate=args.truncate,
+                      draft_cost=args.draft_cost)
     if stream:
         stream.finish()
     stats = result.stats.to_dict()
@@ -580,6 +580,12 @@ def demo_decode(ckpt, prompt: str = DEMO_PROMPT, max_new_tokens: int = 256) -> i
     return 0 if all(r.tokens == plain.tokens for _, r in rows) else 1
 
 
+def _add_draft_cost_flag(parser, default: float | None = 0.1) -> None:
+    parser.add_argument("--draft-cost", type=float, default=default, metavar="C",
+                        help="adaptive draft length: one more draft costs C plain steps; each step verifies the "
+                             "number of drafts with the best expected tokens per cost (multitoken.draft_length)")
+
+
 def _add_decode_path_flags(parser) -> None:
     parser.add_argument("--no-fast-kernels", action="store_true",
                         help="keep F.linear in the base's decode passes (default on CPU: oneDNN reordered weights, "
@@ -605,6 +611,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
     g.add_argument("--num-draft", type=int, help="draft tokens per step (default: all heads; 4 for --mode draft)")
+    _add_draft_cost_flag(g, default=None)
     g.add_argument("--draft-model", help="checkpoint of the draft model for --mode draft")
     g.add_argument("--tree", help="tree for --mode tree: JSON list of paths, e.g. '[[0],[1],[0,0]]', or a preset name")
     g.add_argument("--tree-budget", type=int, help="build the tree dynamically each step with this many nodes")
@@ -623,11 +630,13 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     import time
     if args.base:  # a Hugging Face base: side by side with HF greedy and prompt lookup on chat prompts
         decoders = ["hf", "hf_pld"] + [m for m in args.modes if m in ("ar", "spec", "tree")]
+        if args.draft_cost is not None and "spec" in decoders:
+            decoders.insert(decoders.index("spec") + 1, "spec_adaptive")
         return cmd_heads_bench(argparse.Namespace(
             base=args.base, heads=args.heads, code_prompts=args.code_prompts, prose=args.prose,
             prose_prompts=args.prose_prompts, decoders=decoders, max_new_tokens=args.max_new_tokens,
             num_draft=args.num_draft, tree=args.tree, pld_tokens=args.pld_tokens, verify_cost=bool(args.verify_widths),
-            no_fast_kernels=args.no_fast_kernels, hf_forward=args.hf_forward, threads=args.threads, json=args.json, markdown=args.markdown,
+            no_fast_kernels=args.no_fast_kernels, hf_forward=args.hf_forward, draft_cost=args.draft_cost, threads=args.threads, json=args.json, markdown=args.markdown,
             quiet=False))
     from .bench_decode import bench_decode, machine_description, markdown_table, validation_prompts, verify_cost_table
 
@@ -689,6 +698,7 @@ def add_bench_decode(bsub: argparse._SubParsersAction) -> None:
     hf.add_argument("--prose-prompts", type=int, default=10, help="prose prompts used (default 10)")
     hf.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for HF (default 10)")
     _add_decode_path_flags(hf)
+    _add_draft_cost_flag(hf, default=None)  # given: an extra "chain, adaptive k" row
     d.set_defaults(func=cmd_bench_decode)
 
 
@@ -775,7 +785,7 @@ def cmd_heads_bench(args: argparse.Namespace) -> int:
     verify = verify_costs(model, [1, 2, 3, 4, 8, 16]) if args.verify_cost else None
     result = bench_hf_decode(model, hf, prompts, args.max_new_tokens, args.decoders, args.num_draft, tree,
                              args.pld_tokens, progress=not args.quiet,
-                             partial=args.json + ".partial" if args.json else None)
+                             partial=args.json + ".partial" if args.json else None, draft_cost=args.draft_cost)
     result.update(verify_cost=verify, machine=machine_description(), python=platform.python_version(),
                   base=args.base, heads=args.heads, tree=tree if not hasattr(tree, "paths") else tree.paths,
                   decode_path={"lean_forward": model.lean_forward is not None, "fast_kernels": model.fast_kernels})
@@ -843,7 +853,9 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--prose", metavar="FILE", help="prose prompts, one per line (default: 12 built-in requests)")
     b.add_argument("--prose-prompts", type=int, default=10, help="prose prompts used (default 10)")
     b.add_argument("--decoders", nargs="+", default=["hf", "hf_pld", "ar", "spec", "tree"],
-                   choices=["hf", "hf_pld", "ar", "spec", "tree"])
+                   choices=["hf", "hf_pld", "ar", "spec", "spec_adaptive", "tree"],
+                   help="spec_adaptive: the chain with each step's draft length chosen at --draft-cost")
+    _add_draft_cost_flag(b)
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--num-draft", type=int, help="draft tokens per step (default: all heads)")
     b.add_argument("--tree", help="static tree for the tree decoder (preset, JSON paths; default: tree.json "

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .draft_length import DraftLengthPolicy
 from .protocol import MTPDecoderModel
 from .sampling import Sampler, accept_chain
 
@@ -29,6 +30,9 @@ class GenerationStats:
     draft_forward_passes: int = 0  # separate draft-model passes (mode="draft")
     tau: float = 0.0  # tokens per target pass per row (bonus token included)
     acceptance_rates: list[float] = field(default_factory=list)  # P(draft i accepted | drafts < i accepted)
+    draft_attempted: list[int] = field(default_factory=list)  # per draft position: row-steps that verified it
+    draft_accepted: list[int] = field(default_factory=list)  # ... and accepted it
+    drafts_per_step: float = 0.0  # mean drafts verified per row-step (< num_draft with draft_cost)
     accepted_histogram: list[int] = field(default_factory=list)  # verify steps that accepted j drafts
     tokens_per_s: float = 0.0
     wall_s: float = 0.0
@@ -55,6 +59,7 @@ class _Tracker:
         self.attempted = [0] * num_draft
         self.accepted = [0] * num_draft
         self.histogram = [0] * (num_draft + 1)
+        self.drafted = 0  # drafts verified, all rows
 
     def emit(self, row: int, tokens: list[int]) -> None:
         if self.done[row]:
@@ -72,6 +77,7 @@ class _Tracker:
 
     def record(self, row: int, accepted: int, drafted: int) -> None:
         """Row drafted ``drafted`` tokens and the first ``accepted`` were accepted."""
+        self.drafted += drafted
         for i in range(min(accepted + 1, drafted)):
             self.attempted[i] += 1
             self.accepted[i] += i < accepted
@@ -129,7 +135,7 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
              top_k: int | None = None, top_p: float | None = None, draft_model: MTPDecoderModel | None = None,
              num_draft: int | None = None, eos_id: int | None = None, seed: int | None = None,
              tree=None, tree_budget: int | None = None, on_tokens: TokenCallback | None = None,
-             truncate: str | None = None) -> GenerationResult:
+             truncate: str | None = None, draft_cost: float | None = None) -> GenerationResult:
     """Generate up to ``max_new_tokens`` per prompt.
 
     prompt_ids: (B, T) LongTensor or a list of 1-D LongTensors of different lengths.
@@ -137,7 +143,9 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
     verifies); "draft" a separate ``draft_model`` drafts num_draft tokens; "tree" verifies a
     candidate tree (see ``tree.py``). Greedy (temperature 0) output is token-identical to
     "ar"; sampling preserves the "ar" distribution. ``truncate="left"`` drops the oldest
-    prompt tokens that do not fit the context instead of raising.
+    prompt tokens that do not fit the context instead of raising. ``draft_cost`` (modes "spec"
+    and "draft"): choose each step's draft length (up to num_draft) from running acceptance,
+    one more draft costing this fraction of a plain step (:mod:`multitoken.draft_length`).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
@@ -162,11 +170,14 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
         else:
             tracker = _Tracker(len(rows), max_new_tokens, eos_id, num_draft, on_tokens)
             stats = GenerationStats()
-            _decode(model, rows, sampler, tracker, stats, mode, num_draft, draft_model)
+            policy = DraftLengthPolicy(num_draft, draft_cost) if draft_cost is not None and num_draft else None
+            _decode(model, rows, sampler, tracker, stats, mode, num_draft, draft_model, policy)
     stats.wall_s = time.perf_counter() - start
     stats.new_tokens = sum(len(o) for o in tracker.out)
     stats.tau = stats.new_tokens / max(tracker.row_passes, 1)
     stats.acceptance_rates = [a / t if t else 0.0 for a, t in zip(tracker.accepted, tracker.attempted)]
+    stats.draft_attempted, stats.draft_accepted = tracker.attempted, tracker.accepted
+    stats.drafts_per_step = tracker.drafted / max(tracker.row_passes, 1)
     stats.accepted_histogram = tracker.histogram
     stats.tokens_per_s = stats.new_tokens / stats.wall_s if stats.wall_s > 0 else 0.0
     return GenerationResult(tracker.out, stats)
@@ -214,8 +225,9 @@ def _capacity(rows: list[Tensor], max_new: int, extra: int) -> int:
 
 
 def _decode(model, rows, sampler: Sampler, tracker: _Tracker, stats: GenerationStats, mode: str, k: int,
-            draft_model) -> None:
-    """Plain (k=0), self-speculative or draft-model decoding of a batch."""
+            draft_model, policy: DraftLengthPolicy | None = None) -> None:
+    """Plain (k=0), self-speculative or draft-model decoding of a batch; ``policy`` picks
+    each step's draft length (at most k) instead of always k."""
     batch, device = len(rows), rows[0].device
     state = model.new_state(batch, _capacity(rows, tracker.max_new, 2 * model.n_future + k + 2))
     last_logits = prefill(model, state, rows)
@@ -229,7 +241,8 @@ def _decode(model, rows, sampler: Sampler, tracker: _Tracker, stats: GenerationS
         active = tracker.active(device)
         # Never draft past what any active row may still emit, nor past the context.
         room = max(tracker.max_new - len(tracker.out[b]) for b in range(batch) if not tracker.done[b])
-        k_step = max(0, min(k, room - 1, model.max_seq_len - int(state.lengths.max()) - 1))
+        want = k if policy is None else policy.choose()
+        k_step = max(0, min(want, room - 1, model.max_seq_len - int(state.lengths.max()) - 1))
         if k_step == 0:
             logits = model.verify(state, pending[:, None])  # (B, 1, V)
             accepted = torch.zeros(batch, dtype=torch.long, device=device)
@@ -256,6 +269,8 @@ def _decode(model, rows, sampler: Sampler, tracker: _Tracker, stats: GenerationS
             tracker.row_passes += 1
             if k_step:
                 tracker.record(b, acc[b], k_step)
+                if policy is not None:
+                    policy.update(acc[b], k_step)
             tracker.emit(b, dr[b][: acc[b]] + [nxt_l[b]])
         pending = nxt
 

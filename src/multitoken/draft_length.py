@@ -1,0 +1,55 @@
+"""Adaptive draft length: how many drafts to verify next, from running acceptance and cost.
+
+With conditional acceptance rates a_1..a_K (draft j accepted given drafts < j were), a step
+that verifies k drafts emits on average E(k) = 1 + sum_{j<=k} a_1 ... a_j tokens and costs
+C(k) = 1 + k * draft_cost plain steps, where ``draft_cost`` is what one more draft adds
+(its head's forward plus a wider verify; ~0.1 for SmolLM2 on a 2-core CPU: a 4-token verify
+costs ~1.1 steps and each sequential head ~0.07). :class:`DraftLengthPolicy` picks the k
+that maximises E(k) / C(k), with a_j estimated from recent steps (exponential decay, a
+Beta(1, 1) prior), so a run of prose with rarely accepted drafts verifies fewer of them and
+a run of code drafts them all. Output is unaffected: every k is exact.
+"""
+from __future__ import annotations
+
+
+class DraftLengthPolicy:
+    def __init__(self, max_draft: int, draft_cost: float = 0.1, decay: float = 0.9, probe_every: int = 8):
+        if max_draft < 1:
+            raise ValueError(f"max_draft must be >= 1, got {max_draft}")
+        if draft_cost < 0:
+            raise ValueError(f"draft_cost must be >= 0, got {draft_cost}")
+        if not 0 < decay <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        self.max_draft, self.draft_cost, self.decay, self.probe_every = max_draft, draft_cost, decay, probe_every
+        self.accepted = [0.0] * max_draft  # decayed counts per draft position
+        self.attempted = [0.0] * max_draft
+        self._plain_steps = 0  # consecutive steps without drafts (then one probe step drafts 1)
+
+    def rates(self) -> list[float]:
+        """Estimated conditional acceptance a_1..a_K (posterior means)."""
+        return [(a + 1.0) / (t + 2.0) for a, t in zip(self.accepted, self.attempted)]
+
+    def choose(self) -> int:
+        """Drafts to verify next step (0..max_draft)."""
+        best_k, best, expected, survive = 0, 1.0, 1.0, 1.0
+        for k, rate in enumerate(self.rates(), start=1):
+            survive *= rate
+            expected += survive
+            ratio = expected / (1.0 + k * self.draft_cost)
+            if ratio > best:
+                best_k, best = k, ratio
+        if best_k == 0:
+            # Drafting looks unprofitable; still try one draft now and then, or the estimate never recovers.
+            self._plain_steps += 1
+            return 1 if self._plain_steps % self.probe_every == 0 else 0
+        self._plain_steps = 0
+        return best_k
+
+    def update(self, accepted: int, drafted: int) -> None:
+        """A row verified ``drafted`` drafts and accepted the first ``accepted``."""
+        for j in range(self.max_draft):
+            self.accepted[j] *= self.decay
+            self.attempted[j] *= self.decay
+        for j in range(min(accepted + 1, drafted)):  # position j was tried iff drafts < j were accepted
+            self.attempted[j] += 1.0
+            self.accepted[j] += float(j < accepted)
