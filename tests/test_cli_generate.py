@@ -31,6 +31,14 @@ def test_generate_compare_reports_identity_and_speedup(ckpt, tmp_path, capsys):
     assert "identical: yes" in captured.err and len(captured.out) > 0  # text streamed to stdout
 
 
+def test_generate_adaptive_draft_length(ckpt, tmp_path):
+    out = tmp_path / "stats.json"
+    assert main(["generate", "--model", str(ckpt), "--prompt", "def f(x):", "--max-new-tokens", "24", "--no-eos",
+                 "--draft-cost", "0.3", "--compare", "--json", str(out), "--quiet"]) == 0
+    stats = json.loads(out.read_text())
+    assert stats["identical"] is True and 0 <= stats["drafts_per_step"] <= 2
+
+
 def test_generate_draft_mode_and_sampling(ckpt, tmp_path):
     assert main(["generate", "--model", str(ckpt), "--prompt", "import os", "--mode", "draft",
                  "--draft-model", str(ckpt), "--max-new-tokens", "8", "--quiet"]) == 0

@@ -204,9 +204,11 @@ def test_cli_heads_train_and_bench(tmp_path, capsys):
     assert all(r["identical"] for r in result["rows"])
     # the spelling: `bench decode --base`, built-in prose prompts, verify cost with and without the kernels
     rc = main(["bench", "decode", "--base", str(base), "--heads", str(out), "--code-prompts", "1", "--prose-prompts",
-               "1", "--max-new-tokens", "4", "--modes", "ar", "spec", "--json", str(tmp_path / "d.json")])
+               "1", "--max-new-tokens", "4", "--modes", "ar", "spec", "--draft-cost", "0.1",
+               "--json", str(tmp_path / "d.json")])
     result = json.loads((tmp_path / "d.json").read_text())
-    assert rc == 0 and {r["decoder"] for r in result["rows"]} == {"hf", "hf_pld", "ar", "spec"}
+    assert rc == 0 and {r["decoder"] for r in result["rows"]} == {"hf", "hf_pld", "ar", "spec", "spec_adaptive"}
+    assert all(r["identical"] for r in result["rows"])
     assert {r["group"] for r in result["rows"]} == {"code", "prose", "all"}
     assert [v["width"] for v in result["verify_cost"]] == [1, 2, 3, 4, 8, 16]
     assert all(v["hf_seconds"] > 0 for v in result["verify_cost"])

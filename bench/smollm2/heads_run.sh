@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE=1
 # 2. the tree: the budget with the best expected tau / measured verify cost (block_kernels.md), picked before step 3
 .venv/bin/python bench/smollm2/pick_tree.py runs/smollm2-heads2 > runs/smollm2-heads2/tree_pick.json
 # 3. decode benchmark (default decode path: lean forward + oneDNN kernels; rerun in the third session): 10 code prompts (stdlib validation split) + 10 built-in prose prompts, chat template,
-#    greedy, 128 new tokens, 2 threads, HF greedy / HF prompt lookup / multitoken plain, chain, tree.
+#    greedy, 128 new tokens, 2 threads, HF greedy / HF prompt lookup / multitoken plain, chain, adaptive chain, tree.
 .venv/bin/python -m multitoken bench decode --base smollm2 --heads runs/smollm2-heads2 --modes ar spec tree \
-    --tree "$(cat runs/smollm2-heads2/tree_pick.json)" --max-new-tokens 128 --threads 2 \
+    --tree "$(cat runs/smollm2-heads2/tree_pick.json)" --max-new-tokens 128 --threads 2 --draft-cost 0.1 \
     --json bench/smollm2/decode.json --markdown bench/smollm2/decode.md
