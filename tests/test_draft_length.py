@@ -27,6 +27,8 @@ def test_policy_follows_acceptance_and_cost():
     for bad in (dict(max_draft=0), dict(max_draft=2, draft_cost=-1), dict(max_draft=2, decay=0)):
         with pytest.raises(ValueError):
             DraftLengthPolicy(**bad)
+    with pytest.raises(ValueError, match="modes spec and draft"):
+        generate(tiny_model("residual"), torch.tensor([[1, 2, 3]]), 4, mode="tree", draft_cost=0.1)
 
 
 @settings(max_examples=15, deadline=None)

@@ -636,8 +636,8 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
             base=args.base, heads=args.heads, code_prompts=args.code_prompts, prose=args.prose,
             prose_prompts=args.prose_prompts, decoders=decoders, max_new_tokens=args.max_new_tokens,
             num_draft=args.num_draft, tree=args.tree, pld_tokens=args.pld_tokens, verify_cost=bool(args.verify_widths),
-            no_fast_kernels=args.no_fast_kernels, hf_forward=args.hf_forward, draft_cost=args.draft_cost, threads=args.threads, json=args.json, markdown=args.markdown,
-            quiet=False))
+            no_fast_kernels=args.no_fast_kernels, hf_forward=args.hf_forward, draft_cost=args.draft_cost,
+            threads=args.threads, json=args.json, markdown=args.markdown, quiet=False))
     from .bench_decode import bench_decode, machine_description, markdown_table, validation_prompts, verify_cost_table
 
     model, tokenizer = _load_decoder(args)

@@ -151,6 +151,8 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
         raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if draft_cost is not None and mode not in ("spec", "draft"):
+        raise ValueError(f"draft_cost (adaptive draft length) applies to modes spec and draft, not {mode!r}")
     device = _device_of(model)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
