@@ -234,4 +234,4 @@ def test_repeated_verify_without_accept_is_idempotent(fast_forward):
     again = model.verify(state, block)
     torch.testing.assert_close(first, again)
     model.accept(state, None, torch.tensor([3]))
-    assert (int(state.cache.lengths[0]) if fast_forward else state.cache.get_seq_length()) == 9
+    assert (int(state.cache.lengths[0]) if fast_forward else state.cache.hf.get_seq_length()) == 9

@@ -21,12 +21,14 @@ class BaseAdaptationError(ValueError):
 
 
 def decoder_stack(base: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
-    """(decoder layers, final norm) of a Llama-style HF causal LM (``base.model.layers/norm``)."""
+    """(decoder layers, final norm) of a Llama-style HF causal LM (``base.model.layers/norm``);
+    what training base layers and the lean decode forward (:mod:`multitoken.hf_forward`) run."""
     inner = getattr(base, "model", None)
     layers, norm = getattr(inner, "layers", None), getattr(inner, "norm", None)
-    if not isinstance(layers, nn.ModuleList) or norm is None or not hasattr(inner, "rotary_emb"):
-        raise BaseAdaptationError(f"{type(base).__name__}: training base layers needs a Llama-style model "
-                                  "(model.layers, model.norm, model.rotary_emb)")
+    if not isinstance(layers, nn.ModuleList) or norm is None or not hasattr(inner, "rotary_emb") \
+            or not hasattr(inner, "embed_tokens"):
+        raise BaseAdaptationError(f"{type(base).__name__} is not a Llama-style model "
+                                  "(model.embed_tokens, model.layers, model.norm, model.rotary_emb)")
     return layers, norm
 
 

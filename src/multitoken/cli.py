@@ -769,19 +769,13 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
 def cmd_heads_bench(args: argparse.Namespace) -> int:
     import platform
 
-    import torch
-
     from .bench_decode import machine_description
     from .bench_hf import (CODE_INSTRUCTION, PROSE_PROMPTS, bench_hf_decode, chat_ids, code_snippets, markdown,
                            read_prompts, verify_costs)
     from .heads_train import interleave
-    from .hf_heads import load_heads_model
     from .tree import resolve_tree
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok = load_heads_model(args.base, args.heads, fast_kernels=not args.no_fast_kernels,
-                                fast_forward=not args.hf_forward)
+    model, tok = _load_decoder(args)
     hf = tok.hf
     code = [("code", chat_ids(hf, CODE_INSTRUCTION.format(code=c))) for c in code_snippets(hf, args.code_prompts)]
     texts = read_prompts(args.prose) if args.prose else PROSE_PROMPTS
@@ -809,6 +803,7 @@ def cmd_heads_bench(args: argparse.Namespace) -> int:
 
 
 def add_heads(sub: argparse._SubParsersAction) -> None:
+    from .bench_hf import DECODERS
     heads = sub.add_parser("heads", help="MTP heads on a frozen Hugging Face causal LM: train, bench")
     hsub = heads.add_subparsers(dest="heads_command", required=True, metavar="ACTION")
     t = hsub.add_parser("train", help="train heads on cached hidden states of a frozen HF base "
@@ -859,7 +854,7 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--prose", metavar="FILE", help="prose prompts, one per line (default: 12 built-in requests)")
     b.add_argument("--prose-prompts", type=int, default=10, help="prose prompts used (default 10)")
     b.add_argument("--decoders", nargs="+", default=["hf", "hf_pld", "ar", "spec", "tree"],
-                   choices=["hf", "hf_pld", "ar", "spec", "spec_adaptive", "tree"],
+                   choices=DECODERS,
                    help="spec_adaptive: the chain with each step's draft length chosen at --draft-cost")
     _add_draft_cost_flag(b)
     b.add_argument("--max-new-tokens", type=int, default=128)

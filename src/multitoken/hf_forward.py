@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapt import BaseAdaptationError, decoder_stack
 from .layers import KVCache, PassContext, apply_rope, block_attention_mask
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -36,10 +37,11 @@ def lean_forward_unsupported(base: nn.Module) -> str | None:
     cfg = base.config
     if cfg.model_type not in LEAN_MODEL_TYPES:
         return f"model_type {cfg.model_type!r} is not one of {', '.join(LEAN_MODEL_TYPES)}"
-    inner = getattr(base, "model", None)
-    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
-        return "the base has no Llama-style .model (embed_tokens, layers, norm, rotary_emb)"
-    for layer in inner.layers:
+    try:
+        layers, _ = decoder_stack(base)
+    except BaseAdaptationError as e:
+        return str(e)
+    for layer in layers:
         if not all(hasattr(layer, a) for a in _LAYER_PARTS) or not all(hasattr(layer.self_attn, a) for a in _ATTN_PARTS):
             return f"decoder layer {type(layer).__name__} is not Llama-shaped"
     layer_types = getattr(cfg, "layer_types", None) or []

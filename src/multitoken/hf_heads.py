@@ -49,14 +49,57 @@ def heads_config_for(base_config, n_future: int, head_type: str, d_ff: int | Non
     n_head = c.num_attention_heads
     return MTPConfig(vocab_size=c.vocab_size, d_model=c.hidden_size, n_layer=1, n_head=n_head,
                      n_kv_head=getattr(c, "num_key_value_heads", None) or n_head,
-                     d_ff=d_ff or getattr(c, "intermediate_size", None) or 4 * c.hidden_size, max_seq_len=c.max_position_embeddings,
+                     d_ff=d_ff or getattr(c, "intermediate_size", None) or 4 * c.hidden_size,
+                     max_seq_len=c.max_position_embeddings,
                      rope_theta=_rope_theta(c), norm_eps=getattr(c, "rms_norm_eps", 1e-5),
                      n_future=n_future, head_type=head_type, share_embeddings=head_type != "linear")
 
 
+class DynamicCacheAdapter:
+    """A transformers ``DynamicCache`` (batch 1) behind :class:`KVCache`'s ``commit`` / ``crop``.
+
+    HF's forward appends every block it sees; ``length`` counts the committed positions, and
+    ``commit`` keeps a prefix (a slice) or a tree path (a gather) of the last block.
+    """
+
+    def __init__(self, config):
+        from transformers import DynamicCache
+        self.hf = DynamicCache(config=config)
+        self.length = 0
+
+    def drop_pending(self) -> None:
+        """Forget a block that was verified but never committed (HF appended it anyway)."""
+        if self.hf.get_seq_length() > self.length:
+            self._keep(self.length)
+
+    def commit(self, keep: Tensor | None, counts: Tensor) -> None:
+        count = int(counts[0])
+        if keep is None:
+            self._keep(self.length + count)
+        else:
+            self._keep(self.length, keep[0, :count])
+        self.length += count
+
+    def crop(self, lengths: Tensor) -> None:
+        self.length = int(lengths[0])
+        self._keep(self.length)
+
+    def _keep(self, length: int, path: Tensor | None = None) -> None:
+        """Keep the first ``length`` positions (a slice) and, for a tree, then the block offsets
+        ``path`` after them (a gather)."""
+        if path is not None:
+            index = torch.cat([torch.arange(length, device=path.device), length + path])
+        for layer in self.hf.layers:
+            if path is None:
+                layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+            else:
+                layer.keys = layer.keys.index_select(2, index)
+                layer.values = layer.values.index_select(2, index)
+
+
 @dataclass
 class HFDecodeState:
-    cache: KVCache | object  # KVCache (lean forward) or a transformers DynamicCache
+    cache: KVCache | DynamicCacheAdapter  # the lean forward's static cache, or HF's DynamicCache
     seq: CommittedSequence
     heads: HeadsDecodeState
     capacity: int
@@ -204,11 +247,8 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
         if batch_size != 1:
             raise ValueError("Hugging Face models decode one prompt at a time here (batch size 1)")
         device, dtype = self._device(), self._dtype()
-        if self.lean_forward is not None:
-            cache = self.lean_forward.new_cache(batch_size, capacity, dtype, device)
-        else:
-            from transformers import DynamicCache
-            cache = DynamicCache(config=self.base.config)
+        cache = self.lean_forward.new_cache(batch_size, capacity, dtype, device) \
+            if self.lean_forward is not None else DynamicCacheAdapter(self.base.config)
         return HFDecodeState(cache,
                              CommittedSequence(1, capacity, self.cfg.d_model, dtype, device),
                              self.heads.new_decode_state(1, capacity, self.cfg, dtype, device), capacity)
@@ -231,12 +271,9 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
         length, width = int(state.lengths[0]), tokens.shape[1]
         if depths is None:
             depths = torch.arange(width, device=tokens.device)
-        if state.cache.get_seq_length() > length:
-            # A previous verify was never accepted (e.g. timing repeated verifies): the HF cache
-            # appended its block anyway, so drop it to keep "nothing is committed until accept".
-            self._keep_cache(state, length)
+        state.cache.drop_pending()  # keeps "nothing is committed until accept" (e.g. timing repeated verifies)
         positions = (length + depths.reshape(-1, width)[:1]).to(tokens.device)  # (1, W)
-        kwargs = {self._cache_kw: state.cache, "position_ids": positions, "use_cache": True}
+        kwargs = {self._cache_kw: state.cache.hf, "position_ids": positions, "use_cache": True}
         if tree_mask is not None:
             tm = tree_mask.reshape(-1, width, width)[:1].to(tokens.device)
             prefix = torch.ones(1, width, length, dtype=torch.bool, device=tokens.device)
@@ -245,35 +282,14 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
                 .masked_fill(~mask, torch.finfo(self._dtype()).min)
         return self.base.base_model(input_ids=tokens, **kwargs).last_hidden_state
 
-    def _keep_cache(self, state: HFDecodeState, length: int, path: Tensor | None = None) -> None:
-        """Keep the first ``length`` cache positions and, for a tree, the block positions ``path``
-        after them (a gather); without a path it is a slice."""
-        if path is not None:
-            index = torch.cat([torch.arange(length, device=path.device), length + path])
-        for layer in state.cache.layers:
-            if path is None:
-                layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
-            else:
-                layer.keys = layer.keys.index_select(2, index)
-                layer.values = layer.values.index_select(2, index)
-
     @torch.no_grad()
     def accept(self, state: HFDecodeState, keep: Tensor | None, counts: Tensor) -> None:
-        length, count = int(state.lengths[0]), int(counts[0])
-        if isinstance(state.cache, KVCache):
-            state.cache.commit(keep, counts.to(state.cache.lengths))
-        elif keep is None:
-            self._keep_cache(state, length + count)
-        else:
-            self._keep_cache(state, length, keep[0, :count].to(state.seq.tokens.device))
+        state.cache.commit(keep, counts)
         state.seq.commit(keep, counts)
 
     @torch.no_grad()
     def crop(self, state: HFDecodeState, lengths: Tensor) -> None:
-        if isinstance(state.cache, KVCache):
-            state.cache.crop(lengths.to(state.cache.lengths))
-        else:
-            self._keep_cache(state, int(lengths[0]))
+        state.cache.crop(lengths)
         state.seq.lengths = lengths.to(state.seq.lengths).clone()
         self.heads.crop(state.heads, state.seq.lengths)
 
