@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from multitoken.bench_decode import bench_decode, machine_description, markdown_table, validation_prompts
-from multitoken.checkpoint import load_model, read_eval
-from multitoken.report import render_report
-from multitoken.train import train_demo_model
-from multitoken.tree import resolve_tree
+from multitoken.measure.decode import bench_decode, machine_description, markdown_table, validation_prompts
+from multitoken.training.checkpoint import load_model, read_eval
+from multitoken.measure.report import render_report
+from multitoken.training.trainer import train_demo_model
+from multitoken.decoding.tree import resolve_tree
 
 VARIANTS = {
     "next-token (n_future=1)": {"model": {"n_future": 1}},

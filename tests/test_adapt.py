@@ -5,11 +5,11 @@ from conftest import hf_greedy
 
 pytest.importorskip("transformers")
 
-from multitoken.adapt import BaseAdaptationError, run_top_layers  # noqa: E402
-from multitoken.generate import generate  # noqa: E402
-from multitoken.heads_train import HeadsTrainConfig, HeadsTrainError, train_heads  # noqa: E402
-from multitoken.hf_heads import MTPHeadsForCausalLM  # noqa: E402
-from multitoken.pretrained import build_hidden_cache  # noqa: E402
+from multitoken.hf.adapt import BaseAdaptationError, run_top_layers  # noqa: E402
+from multitoken.decoding.generate import generate  # noqa: E402
+from multitoken.training.heads import HeadsTrainConfig, HeadsTrainError, train_heads  # noqa: E402
+from multitoken.hf.wrapper import MTPHeadsForCausalLM  # noqa: E402
+from multitoken.hf.loading import build_hidden_cache  # noqa: E402
 
 from test_heads_train import TEXTS, make_model, make_tokenizer  # noqa: E402
 

@@ -5,9 +5,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from multitoken import MTPConfig, MTPModel, shift_targets
-from multitoken.analysis import (analyze, flops_per_token, format_analysis, memory_per_step, parameter_counts,
+from multitoken.measure.analysis import (analyze, flops_per_token, format_analysis, memory_per_step, parameter_counts,
                                  saved_activation_bytes, speedup_bounds, supervision_signals)
-from multitoken.cli import main
+from multitoken.cli.main import main
 from conftest import HEAD_TYPES
 
 

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from multitoken.bench import (PeakMemory, bench_memory, bench_train, describe_machine, load_result, machine_info,
+from multitoken.measure.bench import (PeakMemory, bench_memory, bench_train, describe_machine, load_result, machine_info,
                               update_readme, write_markdown)
-from multitoken.cli import main
+from multitoken.cli.main import main
 
 TINY = dict(vocab_size=96, d_model=32, n_layer=1, seq_len=16, batch_size=2, repeats=1)
 

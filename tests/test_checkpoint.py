@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from multitoken import checkpoint as ck
-from multitoken.checkpoint import (
+import multitoken.training.checkpoint as ck
+from multitoken.training.checkpoint import (
     CheckpointError, CheckpointNotFoundError, find_checkpoint, load_model, load_trainer_state,
     read_train_config, save_checkpoint,
 )
-from multitoken.tokenizer import ByteTokenizer, make_tokenizer
+from multitoken.data.tokenizer import ByteTokenizer, make_tokenizer
 
 from conftest import HEAD_TYPES, tiny_model
 

@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from multitoken.checkpoint import save_checkpoint
-from multitoken.cli import main
-from multitoken.tokenizer import ByteTokenizer
+from multitoken.training.checkpoint import save_checkpoint
+from multitoken.cli.main import main
+from multitoken.data.tokenizer import ByteTokenizer
 from conftest import tiny_model
 
 
@@ -77,7 +77,7 @@ def test_prompt_file_with_bad_utf8_is_replaced_with_a_warning(ckpt, tmp_path, ca
 
 
 def test_bench_decode_writes_rows(ckpt, tmp_path, monkeypatch):
-    import multitoken.bench_decode as bd
+    import multitoken.measure.decode as bd
     monkeypatch.setattr(bd, "validation_prompts", lambda tok, n, k, sources=None: [tok.encode("def f(x):\n    ret")] * 2)
     out = tmp_path / "decode.json"
     code = main(["bench", "decode", "--model", str(ckpt), "--modes", "ar", "spec", "draft", "--draft-model", str(ckpt),
@@ -91,8 +91,8 @@ def test_bench_decode_writes_rows(ckpt, tmp_path, monkeypatch):
 
 
 def test_tune_tree_saves_a_tree_that_generate_uses(ckpt, tmp_path, monkeypatch, capsys):
-    import multitoken.bench_decode as bd
-    from multitoken.tree import load_tree
+    import multitoken.measure.decode as bd
+    from multitoken.decoding.tree import load_tree
     monkeypatch.setattr(bd, "validation_prompts", lambda tok, n, k, sources=None: [tok.encode("for i in range(")] * 2)
     assert main(["tune-tree", "--model", str(ckpt), "--budget", "5", "--max-new-tokens", "8"]) == 0
     paths = load_tree(ckpt / "checkpoint")

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from multitoken import cli
-from multitoken.checkpoint import find_checkpoint, load_trainer_state
+import multitoken.cli.main as cli
+from multitoken.training.checkpoint import find_checkpoint, load_trainer_state
 from conftest import write_corpus
 
 FAST = ["--preset", "tiny", "--no-progress", "--set", "val_fraction=0.2", "--set", "tensorboard=false"]
@@ -63,7 +63,7 @@ def test_train_cli_one_line_errors(corpus, tmp_path, capsys):
 
 
 def test_train_cli_nan_exit_2_keeps_checkpoint(corpus, tmp_path, capsys, monkeypatch):
-    import multitoken.train as train_mod
+    import multitoken.training.trainer as train_mod
 
     real = train_mod.mtp_backward
     calls = {"n": 0}

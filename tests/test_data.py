@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import multitoken.data as data
-from multitoken.data import (
+import multitoken.data.corpus as data
+from multitoken.data.corpus import (
     DataError, DecodeWarning, Document, PackedDataset, TokenStore, batch_indices,
     build_token_store, get_batch, iter_documents, split_of, steps_per_epoch,
 )
-from multitoken.tokenizer import BPETokenizer, ByteTokenizer
+from multitoken.data.tokenizer import BPETokenizer, ByteTokenizer
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -283,7 +283,7 @@ def test_packing_doc_ids(tmp_path):
 
 
 def test_packing_with_shift_targets(tmp_path):
-    targets = pytest.importorskip("multitoken.targets")
+    targets = pytest.importorskip("multitoken.model.targets")
     for i in range(4):
         write(tmp_path / "c" / f"{i}.txt", "xy" * (i + 1))
     store = build_token_store([tmp_path / "c"], ByteTokenizer(), "all", tmp_path / "cache", progress=False)

@@ -22,8 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from multitoken.checkpoint import load_model, read_train_config
-from multitoken.train import MTPTrainer, build_config, merge_config
+from multitoken.training.checkpoint import load_model, read_train_config
+from multitoken.training.trainer import MTPTrainer, build_config, merge_config
 from conftest import write_corpus
 
 
@@ -179,7 +179,7 @@ def test_fsdp_two_ranks_match_one_process_after_resume(corpus, reference, tmp_pa
 
 @pytest.fixture
 def one_rank_group():
-    from multitoken import distributed
+    import multitoken.training.distributed as distributed
 
     yield
     distributed.destroy()
@@ -190,7 +190,7 @@ def test_fsdp_reduces_each_unit_once_per_step(corpus, tmp_path, monkeypatch, one
     reduction per FSDP unit. One rank, so counting FSDP's reduce calls needs no second process."""
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
-    from multitoken.distributed import shard_units
+    from multitoken.training.distributed import shard_units
 
     calls = []
     real = _fsdp_param_group.foreach_reduce
@@ -213,7 +213,7 @@ def test_fsdp_reduces_each_unit_once_per_step(corpus, tmp_path, monkeypatch, one
 
 
 def test_nproc_refused_inside_torchrun(monkeypatch, capsys):
-    from multitoken.cli import main
+    from multitoken.cli.main import main
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import multitoken.generate as gen
-from multitoken.generate import generate
-from multitoken.sampling import Sampler
+import multitoken.decoding.generate as gen
+from multitoken.decoding.generate import generate
+from multitoken.decoding.sampling import Sampler
 from conftest import HEAD_TYPES, tiny_model, RankedStub
 
 # ----------------------------------------------------------------------------- exactness

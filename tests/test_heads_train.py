@@ -9,13 +9,13 @@ from conftest import hf_greedy
 pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from multitoken.generate import generate  # noqa: E402
-from multitoken.heads_train import (  # noqa: E402
+from multitoken.decoding.generate import generate  # noqa: E402
+from multitoken.training.heads import (  # noqa: E402
     IGNORE, HeadsTrainConfig, HeadsTrainError, distill_prompts, draft_vocab_from_cache, draft_vocab_from_counts,
     evaluate_heads, generate_distill_texts, head_targets, prose_tasks, split_rows, train_heads, training_texts,
     vocab_index)
-from multitoken.hf_heads import DraftVocabHead, MTPHeadsForCausalLM  # noqa: E402
-from multitoken.pretrained import build_hidden_cache  # noqa: E402
+from multitoken.hf.wrapper import DraftVocabHead, MTPHeadsForCausalLM  # noqa: E402
+from multitoken.hf.loading import build_hidden_cache  # noqa: E402
 
 WORDS = ("def return if else for in while import class self x y z n i print true false none "
          "the a of to and is it that this with as be on at by from or an are was not").split()
@@ -140,7 +140,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% 
 
 
 def test_distill_prompts_plain_and_chat():
-    from multitoken.bench_hf import PROSE_PROMPTS
+    from multitoken.measure.decode_hf import PROSE_PROMPTS
     tok = make_tokenizer()
     plain = distill_prompts(tok, TEXTS, 3, snippet_tokens=5)
     assert plain == [" ".join(t.split()[:5]) for t in TEXTS[:3]]
@@ -178,7 +178,7 @@ def test_bad_config_and_texts():
 
 
 def test_cli_heads_train_and_bench(tmp_path, capsys):
-    from multitoken.cli import main
+    from multitoken.cli.main import main
     base = tmp_path / "base"
     make_model(eos=1).save_pretrained(base)
     tok = make_tokenizer()

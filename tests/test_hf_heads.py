@@ -6,8 +6,8 @@ from conftest import hf_greedy
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from multitoken.generate import generate  # noqa: E402
-from multitoken.hf_heads import HeadsMismatchError, MTPHeadsForCausalLM  # noqa: E402
+from multitoken.decoding.generate import generate  # noqa: E402
+from multitoken.hf.wrapper import HeadsMismatchError, MTPHeadsForCausalLM  # noqa: E402
 
 
 def tiny_llama(seed=0, vocab=64):
@@ -37,7 +37,7 @@ def test_greedy_modes_equal_base_generate(head_type, fast_kernels, fast_forward)
     """Greedy chain/tree output equals base.generate through the lean forward (static cache) and
     HF's forward (DynamicCache), with and without the oneDNN decode kernels (the default on CPU:
     base.generate itself keeps F.linear)."""
-    from multitoken.kernels import available
+    from multitoken.hf.kernels import available
     base = tiny_llama(vocab=16)  # a small vocabulary, so drafts are sometimes accepted
     model = wrapped(base, head_type, fast_kernels=fast_kernels, fast_forward=fast_forward)
     assert model.fast_kernels == (fast_kernels and available())

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multitoken.kernels import MAX_ROWS, BlockLinear, available, block_kernels, install_block_linears
+from multitoken.hf.kernels import MAX_ROWS, BlockLinear, available, block_kernels, install_block_linears
 
 pytestmark = pytest.mark.skipif(not available(), reason="oneDNN (mkldnn) is not in this torch build")
 

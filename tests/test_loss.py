@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from multitoken import MTPLoss
-from multitoken.loss import mtp_backward, naive_backward
+from multitoken.training.loss import mtp_backward, naive_backward
 from conftest import HEAD_TYPES, tiny_model
 
 

@@ -11,8 +11,8 @@ pytest.importorskip("transformers")
 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from multitoken import pretrained  # noqa: E402
-from multitoken.pretrained import (  # noqa: E402
+import multitoken.hf.loading as pretrained  # noqa: E402
+from multitoken.hf.loading import (  # noqa: E402
     HiddenCache, PretrainedError, apply_chat_template_or_fail, build_hidden_cache, load_causal_lm,
     load_smollm2, model_identity, save_causal_lm)
 

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from multitoken.cli import main
-from multitoken.report import bench_kind, find_bench_results, load_metrics, render_report
+from multitoken.cli.main import main
+from multitoken.measure.report import bench_kind, find_bench_results, load_metrics, render_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,7 +1,7 @@
 import torch
 
 from multitoken import shift_targets
-from multitoken.targets import shift_tokens
+from multitoken.model.targets import shift_tokens
 
 
 def test_head_i_targets_token_t_plus_i_plus_1():

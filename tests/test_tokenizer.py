@@ -3,7 +3,7 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from multitoken.tokenizer import (
+from multitoken.data.tokenizer import (
     BPE_FILE, CONFIG_NAME, EOS_TOKEN, BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer,
     make_tokenizer,
 )

@@ -7,10 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import multitoken.tree as tree_mod
-from multitoken.generate import generate
-from multitoken.sampling import Sampler
-from multitoken.tree import (
+import multitoken.decoding.tree as tree_mod
+from multitoken.decoding.generate import generate
+from multitoken.decoding.sampling import Sampler
+from multitoken.decoding.tree import (
     build_tree, dynamic_tree_paths, expected_accept_length, flatten_tree, load_tree, measure_topk_acceptance,
     parse_tree, path_nodes, resolve_tree, save_tree, static_step_tree, tree_preset, tune_tree, validate_tree,
     verify_cost_by_width,

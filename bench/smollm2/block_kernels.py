@@ -4,8 +4,8 @@ Run: HF_HUB_OFFLINE=1 .venv/bin/python bench/smollm2/block_kernels.py [threads]"
 import os, sys, time
 import torch
 from transformers import DynamicCache
-from multitoken.kernels import block_kernels, install_block_linears
-from multitoken.pretrained import load_smollm2
+from multitoken.hf.kernels import block_kernels, install_block_linears
+from multitoken.hf.loading import load_smollm2
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
 model, _ = load_smollm2()

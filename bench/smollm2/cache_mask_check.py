@@ -49,7 +49,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(2)
     if args.smollm2:
-        from multitoken.pretrained import load_smollm2
+        from multitoken.hf.loading import load_smollm2
         model, _ = load_smollm2()
     else:
         torch.manual_seed(0)

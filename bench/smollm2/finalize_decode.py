@@ -14,10 +14,10 @@ import torch
 
 def main(heads: str, prefix: str) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from multitoken.bench_decode import machine_description
-    from multitoken.bench_hf import markdown
-    from multitoken.hf_heads import load_heads_model
-    from multitoken.tree import verify_cost_by_width
+    from multitoken.measure.decode import machine_description
+    from multitoken.measure.decode_hf import markdown
+    from multitoken.hf.wrapper import load_heads_model
+    from multitoken.decoding.tree import verify_cost_by_width
 
     result = json.loads(Path(prefix + ".json.partial").read_text())
     model, _ = load_heads_model("smollm2", heads)

@@ -8,7 +8,7 @@ import os
 import torch
 from transformers import DynamicCache
 
-from multitoken.pretrained import apply_chat_template_or_fail, load_smollm2
+from multitoken.hf.loading import apply_chat_template_or_fail, load_smollm2
 
 PROMPTS = ["def quicksort(items):\n", "import os\n\n\ndef walk_files(root):\n",
            "class Stack:\n    def __init__(self):\n",

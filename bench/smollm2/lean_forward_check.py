@@ -11,9 +11,9 @@ import time
 import torch
 from transformers import DynamicCache
 
-from multitoken.hf_forward import LeanDecoderForward
-from multitoken.kernels import block_kernels, install_block_linears
-from multitoken.pretrained import load_smollm2
+from multitoken.hf.lean_forward import LeanDecoderForward
+from multitoken.hf.kernels import block_kernels, install_block_linears
+from multitoken.hf.loading import load_smollm2
 
 PREFIX, REPEATS = 300, 8
 

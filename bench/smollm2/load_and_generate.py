@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from multitoken.pretrained import apply_chat_template_or_fail, load_causal_lm, find_smollm2_gguf, load_smollm2
+from multitoken.hf.loading import apply_chat_template_or_fail, load_causal_lm, find_smollm2_gguf, load_smollm2
 
 CODE_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 

@@ -6,10 +6,10 @@
 Reports how far the adapted base moved from the original and whether spec/tree decoding reproduce the adapted base."""
 import json, torch
 torch.set_num_threads(2)
-from multitoken.hf_heads import load_heads_model
-from multitoken.generate import generate
-from multitoken.bench_hf import chat_ids, PROSE_PROMPTS
-from multitoken.pretrained import load_smollm2
+from multitoken.hf.wrapper import load_heads_model
+from multitoken.decoding.generate import generate
+from multitoken.measure.decode_hf import chat_ids, PROSE_PROMPTS
+from multitoken.hf.loading import load_smollm2
 m = json.load(open("runs/smollm2-lora/train_summary.json"))
 print("first/last primary (base head CE vs original greedy):", round(m["first_eval"]["primary"], 4), round(m["eval"]["primary"], 4),
       "head0 acc", round(m["first_eval"]["head_accuracy"][0], 3), round(m["eval"]["head_accuracy"][0], 3))

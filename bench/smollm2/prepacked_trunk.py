@@ -5,7 +5,7 @@ import time, torch, statistics, os
 import torch.nn.functional as F
 torch.set_num_threads(int(os.environ.get("T","1")))
 from transformers import DynamicCache
-from multitoken.pretrained import load_smollm2
+from multitoken.hf.loading import load_smollm2
 m,tok=load_smollm2()
 w=m.lm_head.weight
 p16=torch.ops.mkl._mkl_reorder_linear_weight(w,16)

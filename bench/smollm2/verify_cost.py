@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from multitoken.pretrained import load_smollm2
+from multitoken.hf.loading import load_smollm2
 
 KS = (1, 2, 4, 8, 16)
 

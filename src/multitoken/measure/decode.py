@@ -13,13 +13,13 @@ from typing import Sequence
 
 import torch
 
-from .generate import generate
+from multitoken.decoding.generate import generate
 
 
 def validation_prompts(tokenizer, n_prompts: int = 16, prompt_tokens: int = 64, sources=None) -> list[list[int]]:
     """Deterministic prompts: a window of ``prompt_tokens`` tokens from each of the first
     ``n_prompts`` validation documents (stdlib by default), cut at a line start."""
-    from .data import iter_documents, split_of
+    from multitoken.data.corpus import iter_documents, split_of
 
     prompts = []
     for doc in iter_documents(sources):

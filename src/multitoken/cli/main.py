@@ -23,7 +23,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, P
 # ---------------------------------------------------------------------------- bench
 def _bench_outputs(name: str, result: dict, args: argparse.Namespace, command: str) -> None:
     """Write --json / --markdown / --readme for one bench result and print its table."""
-    from .bench import update_readme, write_markdown
+    from multitoken.measure.bench import update_readme, write_markdown
     command += "".join(f" --{flag} {value}" for flag, value in (("device", args.device), ("threads", args.threads))
                        if value is not None and value != "cpu")
     result["command"] = command  # so `bench readme` can quote it later
@@ -47,7 +47,7 @@ def _bench_failed(e: Exception) -> int:
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
-    from .bench import BenchWorkerError, bench_memory
+    from multitoken.measure.bench import BenchWorkerError, bench_memory
     try:
         result = bench_memory(vocab_size=args.vocab_size, d_model=args.d_model, n_layer=args.n_layer,
                               seq_len=args.seq_len, batch_size=args.batch_size, head_type=args.head_type,
@@ -65,7 +65,7 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from .bench import BenchWorkerError, bench_train
+    from multitoken.measure.bench import BenchWorkerError, bench_train
     try:
         result = bench_train(vocab_size=args.vocab_size, d_model=args.d_model, n_layer=args.n_layer,
                              n_head=args.n_head, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -84,7 +84,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_readme(args: argparse.Namespace) -> int:
-    from .bench import load_result, update_readme, write_markdown
+    from multitoken.measure.bench import load_result, update_readme, write_markdown
     folder = Path(args.dir)
     readme = Path(args.readme) if args.readme else folder / "README.md"
     names = [n for n in ("memory", "train") if (folder / f"{n}.json").exists()]
@@ -151,8 +151,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------------- analyze
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis import analyze, format_analysis
-    from .config import MTPConfig
+    from multitoken.measure.analysis import analyze, format_analysis
+    from multitoken.model.config import MTPConfig
     if bool(args.config) == bool(args.model):
         raise UsageError("give exactly one of --config FILE or --model DIR")
     if args.model and not Path(args.model).is_dir():
@@ -181,7 +181,7 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import render_report
+    from multitoken.measure.report import render_report
     out = render_report(args.run_dir, args.out, args.bench or [])
     print(f"wrote {out['report']} and {len(out['plots'])} plot(s)")
     return 0
@@ -200,7 +200,7 @@ def add_report(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------- train
 def _train_overrides(args: argparse.Namespace) -> dict:
     """Flags -> TrainConfig overrides (only the flags that were given)."""
-    from .train import parse_set
+    from multitoken.training.trainer import parse_set
 
     out = parse_set(args.set or [])
     model = out.setdefault("model", {})
@@ -279,8 +279,8 @@ def _launch_local(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from .checkpoint import CheckpointNotFoundError, find_checkpoint, read_train_config
-    from .train import MTPTrainer, build_config
+    from multitoken.training.checkpoint import CheckpointNotFoundError, find_checkpoint, read_train_config
+    from multitoken.training.trainer import MTPTrainer, build_config
 
     if args.nproc is not None:
         return _launch_local(args)
@@ -306,7 +306,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _run_training(trainer, config, args: argparse.Namespace, out: Path) -> int:
-    from .train import TrainingDiverged, format_head_table
+    from multitoken.training.trainer import TrainingDiverged, format_head_table
 
     main_rank = trainer.rank == 0  # only rank 0 talks
     n = trainer.model.num_parameters()
@@ -380,8 +380,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .checkpoint import read_eval
-    from .train import format_head_table, train_demo_model
+    from multitoken.training.checkpoint import read_eval
+    from multitoken.training.trainer import format_head_table, train_demo_model
 
     with _OneLineWarnings():
         ckpt = train_demo_model(args.out, steps=args.steps, device=args.device, progress=not args.no_progress)
@@ -413,12 +413,12 @@ def _load_decoder(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     if getattr(args, "base", None):
-        from .hf_heads import load_heads_model
+        from multitoken.hf.wrapper import load_heads_model
         return load_heads_model(args.base, args.heads, fast_kernels=not args.no_fast_kernels,
                                 fast_forward=not args.hf_forward)
     if not args.model:
         raise UsageError("give --model DIR (a trained multitoken checkpoint) or --base/--heads")
-    from .checkpoint import load_model
+    from multitoken.training.checkpoint import load_model
     return load_model(args.model)
 
 
@@ -461,10 +461,10 @@ def _tree_for(args: argparse.Namespace, model):
         if args.tree is not None:
             raise UsageError("give either --tree or --tree-budget, not both")
         return None
-    from .tree import resolve_tree
+    from multitoken.decoding.tree import resolve_tree
     model_dir = None
     if getattr(args, "model", None):
-        from .checkpoint import resolve_checkpoint
+        from multitoken.training.checkpoint import resolve_checkpoint
         model_dir = resolve_checkpoint(args.model)
     elif getattr(args, "heads", None):
         model_dir = args.heads
@@ -473,7 +473,7 @@ def _tree_for(args: argparse.Namespace, model):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
-    from .generate import generate
+    from multitoken.decoding.generate import generate
 
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -482,7 +482,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = _load_decoder(args)
     text = _prompt_text(args)
     if args.chat:
-        from .pretrained import apply_chat_template_or_fail
+        from multitoken.hf.loading import apply_chat_template_or_fail
         ids = tokenizer.encode(apply_chat_template_or_fail(getattr(tokenizer, "hf", tokenizer), text))
     else:
         ids = tokenizer.encode(text)
@@ -492,7 +492,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.mode == "draft":
         if not args.draft_model:
             raise UsageError("--mode draft needs --draft-model DIR")
-        from .checkpoint import load_model
+        from multitoken.training.checkpoint import load_model
         draft_model, _ = load_model(args.draft_model)
     eos = None if args.no_eos else getattr(tokenizer, "eos_id", None)
     if eos is None and not args.no_eos:
@@ -543,9 +543,9 @@ def demo_decode(ckpt, prompt: str = DEMO_PROMPT, max_new_tokens: int = 256) -> i
     """The demo's second half: the same prompt decoded plainly, self-speculatively and with a
     tree, in one process; prints the text, tau, acceptance per head, speed-ups, identity."""
     import torch
-    from .checkpoint import load_model
-    from .generate import generate
-    from .tree import resolve_tree
+    from multitoken.training.checkpoint import load_model
+    from multitoken.decoding.generate import generate
+    from multitoken.decoding.tree import resolve_tree
 
     model, tokenizer = load_model(ckpt)
     ids = [torch.tensor(tokenizer.encode(prompt))]
@@ -602,7 +602,7 @@ def _add_decode_path_flags(parser) -> None:
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
-    from .generate import MODES
+    from multitoken.decoding.generate import MODES
     g = sub.add_parser("generate", help="generate text: plain, self-speculative, draft-model or tree decoding")
     g.add_argument("--model", help="trained multitoken checkpoint or run directory")
     g.add_argument("--base", help="Hugging Face base model: 'smollm2' or a folder/GGUF path (with --heads)")
@@ -644,13 +644,13 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
             num_draft=args.num_draft, tree=args.tree, pld_tokens=args.pld_tokens, verify_cost=bool(args.verify_widths),
             no_fast_kernels=args.no_fast_kernels, hf_forward=args.hf_forward, draft_cost=args.draft_cost,
             threads=args.threads, json=args.json, markdown=args.markdown, quiet=False))
-    from .bench_decode import bench_decode, machine_description, markdown_table, validation_prompts, verify_cost_table
+    from multitoken.measure.decode import bench_decode, machine_description, markdown_table, validation_prompts, verify_cost_table
 
     model, tokenizer = _load_decoder(args)
     draft_model = None
     modes = list(args.modes)
     if args.draft_model:
-        from .checkpoint import load_model
+        from multitoken.training.checkpoint import load_model
         draft_model, _ = load_model(args.draft_model)
     elif "draft" in modes:
         modes.remove("draft")
@@ -663,7 +663,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     result = {"benchmark": "decode", "model": args.model or args.base, "machine": machine_description(),
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     if args.verify_widths:
-        from .tree import verify_cost_by_width
+        from multitoken.decoding.tree import verify_cost_by_width
         result["verify_cost"] = verify_cost_by_width(model, args.verify_widths, prefix_len=args.prompt_tokens)
         table += verify_cost_table(result["verify_cost"])
     print(table)
@@ -673,7 +673,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text(table)
     if args.readme:
-        from .bench import update_readme
+        from multitoken.measure.bench import update_readme
         command = "multitoken bench decode " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "decode"] else None
         update_readme(args.readme, "decode", table, command)
     return 0 if all(r["identical"] for r in rows) else 1
@@ -709,9 +709,9 @@ def add_bench_decode(bsub: argparse._SubParsersAction) -> None:
 
 
 def cmd_tune_tree(args: argparse.Namespace) -> int:
-    from .bench_decode import validation_prompts
-    from .checkpoint import resolve_checkpoint
-    from .tree import build_tree, expected_accept_length, measure_topk_acceptance, save_tree
+    from multitoken.measure.decode import validation_prompts
+    from multitoken.training.checkpoint import resolve_checkpoint
+    from multitoken.decoding.tree import build_tree, expected_accept_length, measure_topk_acceptance, save_tree
 
     model, tokenizer = _load_decoder(args)
     prompts = validation_prompts(tokenizer, args.prompts, args.prompt_tokens)
@@ -744,7 +744,7 @@ def add_tune_tree(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------- main
 # ---------------------------------------------------------------------------- heads (HF base + MTP heads)
 def cmd_heads_train(args: argparse.Namespace) -> int:
-    from .heads_train import HeadsTrainConfig, run_heads_train
+    from multitoken.training.heads import HeadsTrainConfig, run_heads_train
 
     cfg = HeadsTrainConfig(n_future=args.n_future, head_type=args.head_type, targets=args.targets,
                            draft_vocab=args.draft_vocab, epochs=args.epochs, steps=args.steps,
@@ -769,11 +769,11 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
 def cmd_heads_bench(args: argparse.Namespace) -> int:
     import platform
 
-    from .bench_decode import machine_description
-    from .bench_hf import (CODE_INSTRUCTION, PROSE_PROMPTS, bench_hf_decode, chat_ids, code_snippets, markdown,
+    from multitoken.measure.decode import machine_description
+    from multitoken.measure.decode_hf import (CODE_INSTRUCTION, PROSE_PROMPTS, bench_hf_decode, chat_ids, code_snippets, markdown,
                            read_prompts, verify_costs)
-    from .heads_train import interleave
-    from .tree import resolve_tree
+    from multitoken.training.heads import interleave
+    from multitoken.decoding.tree import resolve_tree
 
     model, tok = _load_decoder(args)
     hf = tok.hf
@@ -803,7 +803,7 @@ def cmd_heads_bench(args: argparse.Namespace) -> int:
 
 
 def add_heads(sub: argparse._SubParsersAction) -> None:
-    from .bench_hf import DECODERS
+    from multitoken.measure.decode_hf import DECODERS
     heads = sub.add_parser("heads", help="MTP heads on a frozen Hugging Face causal LM: train, bench")
     hsub = heads.add_subparsers(dest="heads_command", required=True, metavar="ACTION")
     t = hsub.add_parser("train", help="train heads on cached hidden states of a frozen HF base "

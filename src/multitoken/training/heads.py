@@ -48,14 +48,14 @@ def training_texts(data: Sequence[str] | None = None, val_fraction: float = 0.05
                    prose_every: int = 3) -> Iterator[str]:
     """Texts for the hidden cache, in a fixed, mixed order.
 
-    data: sources for :func:`multitoken.data.iter_documents`; None or ``"<stdlib>"`` means the
+    data: sources for :func:`multitoken.data.corpus.corpus.iter_documents`; None or ``"<stdlib>"`` means the
     stdlib (its train split only: validation files by path hash are kept out, so benchmark
     prompts drawn from them are unseen), ``"<prose>"`` adds the stdlib's English documentation.
     Documents are ordered by a hash of their name (not alphabetically, which would fill a small
     budget with ``_``-modules) and cut to ``max_chars`` so that many files contribute; with prose
     each ``prose_every``-th text is a documentation topic.
     """
-    from .data import STDLIB, iter_documents, split_of
+    from multitoken.data.corpus import STDLIB, iter_documents, split_of
     sources = list(data) if data else [STDLIB]
     prose = PROSE in sources
     sources = [s for s in sources if s != PROSE]
@@ -178,7 +178,7 @@ class HeadsTrainConfig:
     def __post_init__(self) -> None:
         if self.n_future < 2:
             raise HeadsTrainError(f"n_future must be >= 2 to train draft heads, got {self.n_future}")
-        from .hf_heads import HF_HEAD_TYPES
+        from multitoken.hf.wrapper import HF_HEAD_TYPES
         if self.head_type not in HF_HEAD_TYPES:
             raise HeadsTrainError(f"unknown head type {self.head_type!r}; allowed: {', '.join(HF_HEAD_TYPES)}")
         if self.targets not in TARGETS:
@@ -304,7 +304,7 @@ def evaluate_heads(model, cache, rows: np.ndarray, cfg: HeadsTrainConfig, draft_
 @torch.no_grad()
 def topk_hits(model, cache, rows: np.ndarray, cfg: HeadsTrainConfig, draft_ids, top_k: int = 5) -> np.ndarray:
     """(n-1, top_k): P(rank r of draft head j equals its target) on validation rows, teacher-forced
-    (the table :func:`multitoken.tree.build_tree` turns into a static tree)."""
+    (the table :func:`multitoken.decoding.tree.build_tree` turns into a static tree)."""
     hits = np.zeros((model.n_future - 1, top_k))
     total = np.zeros(model.n_future - 1)
     was = model.training
@@ -457,7 +457,7 @@ def train_heads(model, cache, cfg: HeadsTrainConfig, out_dir: str | os.PathLike 
     if out is not None:
         model.save_heads(out, extra={"training": {**summary, **(extra_meta or {})}})
         if cfg.tree_budget and len(val_rows):
-            from .tree import build_tree, expected_accept_length, save_tree
+            from multitoken.decoding.tree import build_tree, expected_accept_length, save_tree
             acc = topk_hits(model, cache, val_rows[:cfg.eval_rows], cfg, draft_ids)
             paths = build_tree(acc, cfg.tree_budget)
             save_tree(paths, out, acceptance=acc.tolist(), budget=cfg.tree_budget, source="validation top-k (heads train)")
@@ -502,8 +502,8 @@ def distill_prompts(tokenizer, texts: Sequence[str], n: int, snippet_tokens: int
     split), half prose instructions from :func:`prose_tasks`, alternating, each wrapped in the
     template. Without one: the first ``snippet_tokens`` tokens of ``texts``.
     """
-    from .bench_hf import CODE_INSTRUCTION, code_snippets
-    from .pretrained import apply_chat_template_or_fail
+    from multitoken.measure.decode_hf import CODE_INSTRUCTION, code_snippets
+    from multitoken.hf.loading import apply_chat_template_or_fail
     if not getattr(tokenizer, "chat_template", None):
         heads = (tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:snippet_tokens]) for t in texts)
         return [h for h in heads if h.strip()][:n]
@@ -557,9 +557,9 @@ def run_heads_train(base: str, data: Sequence[str] | None, out_dir: str | os.Pat
                     progress: bool = True, train_base_layers: int = 0, lora_rank: int = 0) -> dict[str, Any]:
     """``multitoken heads train``: hidden cache (built or reused), then :func:`train_heads`.
     With ``train_base_layers`` the cache holds the input of the first trained layer."""
-    from .adapt import cache_layer
-    from .hf_heads import MTPHeadsForCausalLM, load_base
-    from .pretrained import HiddenCache, build_hidden_cache, model_identity
+    from multitoken.hf.adapt import cache_layer
+    from multitoken.hf.wrapper import MTPHeadsForCausalLM, load_base
+    from multitoken.hf.loading import HiddenCache, build_hidden_cache, model_identity
 
     if threads:
         torch.set_num_threads(threads)

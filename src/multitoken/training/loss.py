@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .targets import IGNORE_INDEX, shift_targets
+from multitoken.model.targets import IGNORE_INDEX, shift_targets
 
 WEIGHTINGS = ("tutorial", "uniform", "deepseek")
 DEFAULT_AUX_WEIGHT = {"tutorial": 0.1, "uniform": 1.0, "deepseek": 0.3}

@@ -7,7 +7,7 @@ Inputs found in the run directory:
   evaluation rows carry ``"split": "val"``. A truncated last line (a run killed mid-write)
   is skipped and counted.
 * bench results (``*.json`` in the run dir or its ``bench/`` folder, or passed explicitly):
-  ``memory`` / ``train`` results of :mod:`multitoken.bench` and decoding results whose rows
+  ``memory`` / ``train`` results of :mod:`multitoken.measure.bench` and decoding results whose rows
   have ``mode``, ``tau``, ``acceptance_rates`` [k], ``tokens_per_s``, ``speedup``. A file
   is recognised by its ``benchmark`` field or else by its rows' keys.
 
@@ -278,7 +278,7 @@ def _recorded(result: dict) -> dict:
 def render_report(run_dir: str | Path, out_dir: str | Path | None = None,
                   bench_files: list[str | Path] = ()) -> dict:
     """Write the plots and ``report.md`` for a run directory; return {"report": path, "plots": [...]}."""
-    from .bench import write_markdown
+    from multitoken.measure.bench import write_markdown
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -346,7 +346,7 @@ def build_hidden_cache(model, tokenizer, texts: Iterable[str], out_dir: str | os
     """Run the frozen base over packed sequences; store hidden states and greedy tokens.
 
     layer: store the input of decoder layer ``layer`` instead of the final hidden state (for
-    training the layers above it, :mod:`multitoken.adapt`); recorded in meta.json.
+    training the layers above it, :mod:`multitoken.hf.adapt`); recorded in meta.json.
 
     Writes into ``<out_dir>.partial`` and renames it to ``out_dir`` when complete, so a killed
     build never looks finished; rerunning with the same inputs resumes after the last flushed

@@ -22,7 +22,7 @@ class BaseAdaptationError(ValueError):
 
 def decoder_stack(base: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
     """(decoder layers, final norm) of a Llama-style HF causal LM (``base.model.layers/norm``);
-    what training base layers and the lean decode forward (:mod:`multitoken.hf_forward`) run."""
+    what training base layers and the lean decode forward (:mod:`multitoken.hf.lean_forward`) run."""
     inner = getattr(base, "model", None)
     layers, norm = getattr(inner, "layers", None), getattr(inner, "norm", None)
     if not isinstance(layers, nn.ModuleList) or norm is None or not hasattr(inner, "rotary_emb") \

@@ -6,9 +6,9 @@ construction, output capture, ``DynamicCache`` concatenation of every layer's ke
 values, which copies the whole cache on every pass). This module runs the same modules of
 the same model (norms, projections, MLP, the model's own rotary embedding) in the same order
 with the same operations, but writes keys and values into the preallocated
-:class:`multitoken.layers.KVCache`, so a rollback is a length change and a tree accept moves
+:class:`multitoken.model.native.layers.KVCache`, so a rollback is a length change and a tree accept moves
 only the kept block entries. On a 2-core CPU, with the oneDNN kernels of
-:mod:`multitoken.kernels`, this took a 4-token SmolLM2-135M pass (decoder layers only) from
+:mod:`multitoken.hf.kernels`, this took a 4-token SmolLM2-135M pass (decoder layers only) from
 ~59 ms to ~51 ms in a side-by-side timing (``bench/smollm2/NOTES.md`` §8; whole verify passes:
 the verify-cost table of ``bench/smollm2/decode.md``); the hidden states were bitwise HF's
 there, and match to float tolerance in the tests.
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapt import BaseAdaptationError, decoder_stack
-from .layers import KVCache, PassContext, apply_rope, block_attention_mask
+from multitoken.hf.adapt import BaseAdaptationError, decoder_stack
+from multitoken.model.layers import KVCache, PassContext, apply_rope, block_attention_mask
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")

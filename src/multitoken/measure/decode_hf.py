@@ -4,7 +4,7 @@ One process, prompts interleaved (every decoder runs prompt i before any runs pr
 machine noise hits all alike), greedy, the same ``max_new_tokens``, EOS stops. Rows, per prompt
 group (code / prose): HF ``generate`` greedy (the reference for speed-up and identity), HF
 prompt-lookup decoding (``prompt_lookup_num_tokens``), multitoken plain (``ar``), chain
-(``spec``) and tree decoding through :class:`~multitoken.hf_heads.MTPHeadsForCausalLM`.
+(``spec``) and tree decoding through :class:`~multitoken.hf.wrapper.MTPHeadsForCausalLM`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .generate import generate
+from multitoken.decoding.generate import generate
 
 DECODERS = ("hf", "hf_pld", "ar", "spec", "spec_adaptive", "tree")
 MULTITOKEN_DECODERS = ("ar", "spec", "spec_adaptive", "tree")
@@ -43,7 +43,7 @@ def code_snippets(tokenizer, n: int, snippet_tokens: int = 96, val_fraction: flo
                   split: str = "val") -> list[str]:
     """``n`` code snippets from the stdlib's ``split`` ("val": files the heads never saw), each
     about ``snippet_tokens`` tokens cut at whole lines, from a hash-chosen start line."""
-    from .data import iter_documents, split_of
+    from multitoken.data.corpus import iter_documents, split_of
     out = []
     for doc in iter_documents(None):
         if split_of(doc.name, val_fraction) != split or len(doc.text) < 8 * snippet_tokens:
@@ -70,7 +70,7 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:
-    from .pretrained import apply_chat_template_or_fail
+    from multitoken.hf.loading import apply_chat_template_or_fail
     return tokenizer.encode(apply_chat_template_or_fail(tokenizer, text), add_special_tokens=False)
 
 
@@ -189,7 +189,7 @@ def verify_costs(model, widths: Sequence[int] = (1, 2, 4, 8, 16)) -> list[dict]:
     """verify_cost_by_width through the model's decode path and, where that is a fast one (lean
     forward, oneDNN kernels), also through HF's forward with plain F.linear; every ``relative``
     is to the HF forward at the smallest width."""
-    from .tree import verify_cost_by_width
+    from multitoken.decoding.tree import verify_cost_by_width
     rows = verify_cost_by_width(model, widths)
     fast = (getattr(model, "fast_kernels", False), getattr(model, "lean_forward", None))
     if not fast[0] and fast[1] is None:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .tokenizer import ByteTokenizer, Tokenizer
+from multitoken.data.tokenizer import ByteTokenizer, Tokenizer
 
 
 class DataError(ValueError):

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import MTPConfig
-from .layers import Block, KVCache, PassContext, RMSNorm, RotaryEmbedding, causal_context
-from .protocol import DraftPicker
-from .targets import shift_tokens
+from multitoken.model.config import MTPConfig
+from multitoken.model.layers import Block, KVCache, PassContext, RMSNorm, RotaryEmbedding, causal_context
+from multitoken.model.protocol import DraftPicker
+from multitoken.model.targets import shift_tokens
 
 
 class CommittedSequence:

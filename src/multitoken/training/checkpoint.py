@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import MTPConfig
-from .model import MTPModel
-from .tokenizer import Tokenizer, load_tokenizer
+from multitoken.model.config import MTPConfig
+from multitoken.model.native import MTPModel
+from multitoken.data.tokenizer import Tokenizer, load_tokenizer
 
 CHECKPOINT = "checkpoint"  # name of the current checkpoint inside a run directory
 WEIGHTS = "model.safetensors"

@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .draft_length import DraftLengthPolicy
-from .protocol import MTPDecoderModel
-from .sampling import Sampler, accept_chain
+from multitoken.decoding.draft_length import DraftLengthPolicy
+from multitoken.model.protocol import MTPDecoderModel
+from multitoken.decoding.sampling import Sampler, accept_chain
 
 MODES = ("ar", "spec", "draft", "tree")
 TokenCallback = Callable[[int, list[int]], None]  # (row, newly accepted token ids)
@@ -145,7 +145,7 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
     "ar"; sampling preserves the "ar" distribution. ``truncate="left"`` drops the oldest
     prompt tokens that do not fit the context instead of raising. ``draft_cost`` (modes "spec"
     and "draft"): choose each step's draft length (up to num_draft) from running acceptance,
-    one more draft costing this fraction of a plain step (:mod:`multitoken.draft_length`).
+    one more draft costing this fraction of a plain step (:mod:`multitoken.decoding.draft_length`).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
@@ -165,7 +165,7 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
     start = time.perf_counter()
     with torch.inference_mode():
         if mode == "tree":
-            from .tree import tree_decode
+            from multitoken.decoding.tree import tree_decode
             tracker = _Tracker(len(rows), max_new_tokens, eos_id, num_draft, on_tokens)
             stats = GenerationStats()
             tree_decode(model, rows, sampler, tracker, stats, tree=tree, budget=tree_budget)

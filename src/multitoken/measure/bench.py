@@ -41,10 +41,10 @@ from typing import Callable
 
 import torch
 
-from .analysis import flops_per_token
-from .config import MTPConfig
-from .loss import MTPLoss, mtp_backward, naive_backward
-from .model import MTPModel
+from multitoken.measure.analysis import flops_per_token
+from multitoken.model.config import MTPConfig
+from multitoken.training.loss import MTPLoss, mtp_backward, naive_backward
+from multitoken.model.native import MTPModel
 
 MB = 1024 * 1024
 # glibc: allocations above this many bytes use mmap and are unmapped on free. Setting it
@@ -179,7 +179,7 @@ def run_isolated(spec: dict, timeout: float | None = None) -> list[dict]:
     env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "multitoken.bench"], input=json.dumps(spec),
+    proc = subprocess.run([sys.executable, "-m", "multitoken.measure.bench"], input=json.dumps(spec),
                           capture_output=True, text=True, env=env, timeout=timeout)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
@@ -389,7 +389,7 @@ def _train_worker(spec: dict) -> list[dict]:
         counts = model.num_parameters()
         step_s = statistics.median(walls[i])
         rows.append({"head_type": cfg.head_type if cfg.n_future > 1 else "-", "n_future": cfg.n_future,
-                     "backward": how, "step_s": round(step_s, 4), "cpu_s": round(statistics.median(cpus[i]), 4),
+                     "backward": how, "step_s": round(step_s, 6), "cpu_s": round(statistics.median(cpus[i]), 6),
                      "step_s_all": [round(t, 4) for t in walls[i]],
                      "tokens_per_s": round(spec["batch_size"] * spec["seq_len"] / step_s, 1),
                      "peak_mb": None if None in peaks[i] else round(max(peaks[i]) / MB, 1),
@@ -413,7 +413,7 @@ def bench_train(vocab_size: int = 257, d_model: int = 256, n_layer: int = 4, n_h
     it: parameters and AdamW state excluded, gradients included) and ``time_vs_ntp`` /
     ``cpu_vs_ntp`` (over the naive next-token step's). Defaults: the ``small`` preset.
     """
-    from .config import HEAD_TYPES
+    from multitoken.model.config import HEAD_TYPES
     head_types = list(HEAD_TYPES if head_types is None else head_types)
     for head_type in head_types:
         if head_type not in HEAD_TYPES:

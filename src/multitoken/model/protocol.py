@@ -1,7 +1,7 @@
 """The one model protocol that every decoder, the tree verifier and the benchmarks use.
 
-Both the native :class:`multitoken.model.MTPModel` and the Hugging Face wrapper
-(:class:`multitoken.pretrained.MTPHeadsForCausalLM`) implement it, so each decoding
+Both the native :class:`multitoken.model.native.native.MTPModel` and the Hugging Face wrapper
+(:class:`multitoken.hf.loading.MTPHeadsForCausalLM`) implement it, so each decoding
 algorithm exists once.
 
 Cache convention. A decode state holds, per batch row ``b``, the key/value entries of

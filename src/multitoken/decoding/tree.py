@@ -41,9 +41,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .generate import GenerationStats, _Tracker, _as_rows, _capacity, _device_of, _fit_context, prefill
-from .protocol import MTPDecoderModel
-from .sampling import Sampler
+from multitoken.decoding.generate import GenerationStats, _Tracker, _as_rows, _capacity, _device_of, _fit_context, prefill
+from multitoken.model.protocol import MTPDecoderModel
+from multitoken.decoding.sampling import Sampler
 
 TREE_FILE = "tree.json"
 

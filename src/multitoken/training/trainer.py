@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import (
+from multitoken.training.checkpoint import (
     CHECKPOINT,
     CheckpointError,
     CheckpointNotFoundError,
@@ -43,10 +43,10 @@ from .checkpoint import (
     save_checkpoint,
     WEIGHTS,
 )
-from .loss import MTPLoss, mtp_backward, naive_backward
-from .model import MTPModel
-from .tokenizer import Tokenizer, make_tokenizer
-from .train_config import (  # noqa: F401  (re-exported: the configuration API is also multitoken.train's)
+from multitoken.training.loss import MTPLoss, mtp_backward, naive_backward
+from multitoken.model.native import MTPModel
+from multitoken.data.tokenizer import Tokenizer, make_tokenizer
+from multitoken.training.config import (  # noqa: F401  (re-exported: the configuration API is also multitoken.train's)
     PRESETS, TrainConfig, build_config, load_config_file, merge_config, parse_set, preset,
 )
 
@@ -110,7 +110,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_tokenizer(config: TrainConfig, progress: bool = False) -> Tokenizer:
     if config.tokenizer == "byte":
         return make_tokenizer("byte")
-    from .data import iter_documents, split_of
+    from multitoken.data.corpus import iter_documents, split_of
 
     # Train the BPE on the training split only: validation text stays unseen.
     texts = (d.text for d in iter_documents(config.data, max_docs=config.max_docs)
@@ -188,7 +188,7 @@ class MTPTrainer:
         self.parallel = None  # a distributed.ParallelModel (ddp | fsdp) or None
         self._owns_process_group = False
         if parallel is not None:
-            from .distributed import init_distributed
+            from multitoken.training.distributed import init_distributed
 
             if dist_env is None:
                 dist_env, self._owns_process_group = init_distributed(config.device), True
@@ -201,7 +201,7 @@ class MTPTrainer:
         self.amp_dtype = resolve_dtype(config.dtype, self.device)
         self.model = model.to(self.device)
         if parallel is not None:
-            from .distributed import wrap_model
+            from multitoken.training.distributed import wrap_model
 
             # Before the optimizer: FSDP2 replaces the parameters by sharded ones.
             self.parallel = wrap_model(self.model, parallel, dist_env, one_backward=not config.memory_efficient)
@@ -236,11 +236,11 @@ class MTPTrainer:
         """Tokenizer + corpus + model for ``config``; with ``resume`` restore the checkpoint in
         ``out_dir``. Nothing is written to ``out_dir`` here (bad input leaves it untouched).
         ``parallel`` (ddp | fsdp): join torchrun's process group (rank/world from its env)."""
-        from .data import PackedDataset, build_token_store
+        from multitoken.data.corpus import PackedDataset, build_token_store
 
         env = None
         if parallel is not None:
-            from .distributed import init_distributed, main_first
+            from multitoken.training.distributed import init_distributed, main_first
 
             env = init_distributed(config.device)
             rank, world_size = env.rank, env.world_size
@@ -290,7 +290,7 @@ class MTPTrainer:
         return trainer
 
     def _check_data(self) -> None:
-        from .data import DataError, steps_per_epoch
+        from multitoken.data.corpus import DataError, steps_per_epoch
 
         if self.train_data is not None and steps_per_epoch(len(self.train_data), self.config.micro_batch_size,
                                                            self.world_size) == 0:
@@ -353,7 +353,7 @@ class MTPTrainer:
                 for k in ("loss", "primary", "auxiliary", "head_losses", "head_accuracy"):
                     totals[k] = totals.get(k, 0) + out[k].detach().float() / len(micro)
         if par is not None:
-            from .distributed import all_reduce_mean_dict
+            from multitoken.training.distributed import all_reduce_mean_dict
 
             par.sync_gradients()  # ... and one synchronisation per optimizer step
             totals = all_reduce_mean_dict(totals)  # every rank logs and checks the global means
@@ -381,7 +381,7 @@ class MTPTrainer:
 
     def batch_for_step(self, step: int) -> list[tuple[Tensor, Tensor]]:
         """The micro-batches of optimizer step ``step`` for this rank: a pure function of the step."""
-        from .data import batch_indices, get_batch
+        from multitoken.data.corpus import batch_indices, get_batch
 
         n = len(self.train_data)
         b = self.config.micro_batch_size
@@ -394,7 +394,7 @@ class MTPTrainer:
     def evaluate(self, max_batches: int | None = None) -> dict[str, Any] | None:
         """Per-head validation loss and top-1 accuracy, and next-token perplexity, over a fixed
         set of validation sequences (the same ones every time). None without validation data."""
-        from .data import batch_indices, get_batch
+        from multitoken.data.corpus import batch_indices, get_batch
 
         if self.val_data is None:
             return None
@@ -420,7 +420,7 @@ class MTPTrainer:
                     correct[i] += r.cpu()
         self.model.train(was_training)
         if self.parallel is not None:
-            from .distributed import all_reduce_sum
+            from multitoken.training.distributed import all_reduce_sum
 
             ce, count, correct = all_reduce_sum(ce), all_reduce_sum(count), all_reduce_sum(correct)
         out = self.loss_fn.combine(ce, count, correct)
@@ -469,7 +469,7 @@ class MTPTrainer:
         """``close()``, then leave the process group this trainer joined (no-op in one process)."""
         self.close()
         if self._owns_process_group:
-            from .distributed import destroy
+            from multitoken.training.distributed import destroy
 
             destroy()
             self._owns_process_group = False
@@ -637,7 +637,7 @@ class MTPTrainer:
                                       + " ".join(f"{a:.1%}" for a in self.last_eval["head_accuracy"]))
                     stop = self._stop_signal is not None
                     if self.parallel is not None:
-                        from .distributed import any_rank
+                        from multitoken.training.distributed import any_rank
 
                         stop = any_rank(stop)  # all ranks stop after the same step
                     # Distributed: every rank takes part in gathering the checkpoint; rank 0 writes.

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .config import MTPConfig
-from .heads import CommittedSequence, HeadsDecodeState, MTPHeads
-from .layers import Block, KVCache, PassContext, RMSNorm, RotaryEmbedding, causal_context
-from .protocol import ConfigDecoderAttributes, DraftPicker
+from multitoken.model.config import MTPConfig
+from multitoken.model.heads import CommittedSequence, HeadsDecodeState, MTPHeads
+from multitoken.model.layers import Block, KVCache, PassContext, RMSNorm, RotaryEmbedding, causal_context
+from multitoken.model.protocol import ConfigDecoderAttributes, DraftPicker
 
 
 @dataclass

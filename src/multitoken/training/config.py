@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .config import MTPConfig
-from .loss import WEIGHTINGS
+from multitoken.model.config import MTPConfig
+from multitoken.training.loss import WEIGHTINGS
 
 TOKENIZERS = ("byte", "bpe")
 DEVICES = "auto, cpu, cuda, cuda:N, mps"
