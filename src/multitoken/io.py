@@ -1,0 +1,66 @@
+"""File writes that a killed process never leaves half-done, and JSON reads with one-line errors.
+
+Every file the project writes goes through :func:`atomic_write` (a temp file in the same
+folder, flushed, then renamed over the target), so a reader sees the old file or the new one,
+never a torn one. :func:`read_json` turns a missing, unreadable or malformed file into a
+:class:`~multitoken.errors.MultitokenError` naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from multitoken.errors import MultitokenError, first_line
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` via a temp file + fsync + rename; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """``obj`` as JSON (one trailing newline), written atomically."""
+    return atomic_write(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed file raises MultitokenError
+    ``"<what> <path> ..."`` (``what`` says what the file is, e.g. "heads config")."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MultitokenError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MultitokenError(f"cannot read {what} {path}: {first_line(e)}") from None
+    except json.JSONDecodeError as e:
+        raise MultitokenError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def check_writable(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Refuse, before any work, an output file that could not be written later: its folder
+    is missing or not writable, or the path is a folder."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise MultitokenError(f"{what} {path} is a folder, not a file")
+    if not parent.is_dir():
+        raise MultitokenError(f"{what} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise MultitokenError(f"{what} {path}: folder {parent} is not writable")
+    return path
