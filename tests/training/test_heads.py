@@ -7,7 +7,7 @@ import torch
 from conftest import hf_greedy
 
 pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from hf_fixtures import TEXTS, make_model, make_tokenizer  # noqa: E402
 
 from multitoken.decoding.generate import generate  # noqa: E402
 from multitoken.training.heads import (  # noqa: E402
@@ -16,28 +16,6 @@ from multitoken.training.heads import (  # noqa: E402
     vocab_index)
 from multitoken.hf.wrapper import DraftVocabHead, MTPHeadsForCausalLM  # noqa: E402
 from multitoken.hf.loading import build_hidden_cache  # noqa: E402
-
-WORDS = ("def return if else for in while import class self x y z n i print true false none "
-         "the a of to and is it that this with as be on at by from or an are was not").split()
-# Repetitive texts: a pattern the heads can learn within a few steps.
-TEXTS = [" ".join(WORDS[(3 * i + j) % 12] for j in range(60)) for i in range(24)]
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-
-
-def make_model(seed: int = 0, vocab: int = 64, eos: int | None = 1) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=eos, bos_token_id=None, pad_token_id=None)
-    return LlamaForCausalLM(cfg).eval()
-
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available() or bool(os.environ.get("MULTITOKEN_SKIP_DISTRIBUTED")),
     reason="needs torch.distributed with gloo (unset MULTITOKEN_SKIP_DISTRIBUTED)"), pytest.mark.usefixtures("token_cache")]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOSS_TOL = 1e-5
 WEIGHT_TOL = 1e-4
 # Constant lr after the 2 warmup steps (min_lr == lr), so a run of 2 steps resumed to 4 equals a run of 4.

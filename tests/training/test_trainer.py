@@ -17,7 +17,7 @@ from multitoken.training.trainer import (
 )
 from conftest import write_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("token_cache")
 
 

@@ -11,7 +11,7 @@ from multitoken.training.heads import HeadsTrainConfig, HeadsTrainError, train_h
 from multitoken.hf.wrapper import MTPHeadsForCausalLM  # noqa: E402
 from multitoken.hf.loading import build_hidden_cache  # noqa: E402
 
-from test_heads_train import TEXTS, make_model, make_tokenizer  # noqa: E402
+from hf_fixtures import TEXTS, make_model, make_tokenizer  # noqa: E402
 
 MODES = [(1, 0), (1, 4)]  # (train_base_layers, lora_rank): a full top layer; LoRA on it
 IDS = ["full-layer", "lora"]
