@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from multitoken.measure.decode import bench_decode, machine_description, markdown_table, validation_prompts
+from multitoken.data.prompts import validation_prompts
+from multitoken.measure.decode import bench_decode, machine_description, markdown_table
 from multitoken.training.checkpoint import load_model, read_eval
 from multitoken.measure.report import render_report
 from multitoken.training.trainer import train_demo_model

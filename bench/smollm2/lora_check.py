@@ -8,7 +8,8 @@ import json, torch
 torch.set_num_threads(2)
 from multitoken.hf.wrapper import load_heads_model
 from multitoken.decoding.generate import generate
-from multitoken.measure.decode_hf import chat_ids, PROSE_PROMPTS
+from multitoken.data.prompts import PROSE_PROMPTS
+from multitoken.hf.loading import chat_ids
 from multitoken.hf.loading import load_smollm2
 m = json.load(open("runs/smollm2-lora/train_summary.json"))
 print("first/last primary (base head CE vs original greedy):", round(m["first_eval"]["primary"], 4), round(m["eval"]["primary"], 4),

@@ -1,7 +1,7 @@
 """Experiment: every Linear of SmolLM2 (trunk and lm_head) on MKL pre-packed sgemm vs HF, forward over a
 DynamicCache with k new tokens. Run: HF_HUB_OFFLINE=1 T=1 .venv/bin/python bench/smollm2/prepacked_trunk.py
 """
-import time, torch, statistics, os
+import time, torch, os
 import torch.nn.functional as F
 torch.set_num_threads(int(os.environ.get("T","1")))
 from transformers import DynamicCache

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from multitoken.training.checkpoint import save_checkpoint
 from multitoken.cli.main import main
@@ -77,7 +76,7 @@ def test_prompt_file_with_bad_utf8_is_replaced_with_a_warning(ckpt, tmp_path, ca
 
 
 def test_bench_decode_writes_rows(ckpt, tmp_path, monkeypatch):
-    import multitoken.measure.decode as bd
+    import multitoken.data.prompts as bd
     monkeypatch.setattr(bd, "validation_prompts", lambda tok, n, k, sources=None: [tok.encode("def f(x):\n    ret")] * 2)
     out = tmp_path / "decode.json"
     code = main(["bench", "decode", "--model", str(ckpt), "--modes", "ar", "spec", "draft", "--draft-model", str(ckpt),
@@ -91,7 +90,7 @@ def test_bench_decode_writes_rows(ckpt, tmp_path, monkeypatch):
 
 
 def test_tune_tree_saves_a_tree_that_generate_uses(ckpt, tmp_path, monkeypatch, capsys):
-    import multitoken.measure.decode as bd
+    import multitoken.data.prompts as bd
     from multitoken.decoding.tree import load_tree
     monkeypatch.setattr(bd, "validation_prompts", lambda tok, n, k, sources=None: [tok.encode("for i in range(")] * 2)
     assert main(["tune-tree", "--model", str(ckpt), "--budget", "5", "--max-new-tokens", "8"]) == 0

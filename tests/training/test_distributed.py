@@ -24,7 +24,6 @@ import torch.distributed as dist
 
 from multitoken.training.checkpoint import load_model, read_train_config
 from multitoken.training.trainer import MTPTrainer, build_config, merge_config
-from conftest import write_corpus
 
 
 pytestmark = [pytest.mark.skipif(

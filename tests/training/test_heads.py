@@ -11,9 +11,9 @@ from hf_fixtures import TEXTS, make_model, make_tokenizer  # noqa: E402
 
 from multitoken.decoding.generate import generate  # noqa: E402
 from multitoken.training.heads import (  # noqa: E402
-    IGNORE, HeadsTrainConfig, HeadsTrainError, distill_prompts, draft_vocab_from_cache, draft_vocab_from_counts,
-    evaluate_heads, generate_distill_texts, head_targets, prose_tasks, split_rows, train_heads, training_texts,
-    vocab_index)
+    IGNORE, HeadsTrainConfig, HeadsTrainError, draft_vocab_from_cache, draft_vocab_from_counts,
+    evaluate_heads, generate_distill_texts, head_targets, split_rows, train_heads, vocab_index)
+from multitoken.data.prompts import distill_prompts, prose_tasks, training_texts  # noqa: E402
 from multitoken.hf.wrapper import DraftVocabHead, MTPHeadsForCausalLM  # noqa: E402
 from multitoken.hf.loading import build_hidden_cache  # noqa: E402
 
@@ -118,7 +118,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% 
 
 
 def test_distill_prompts_plain_and_chat():
-    from multitoken.measure.decode_hf import PROSE_PROMPTS
+    from multitoken.data.prompts import PROSE_PROMPTS
     tok = make_tokenizer()
     plain = distill_prompts(tok, TEXTS, 3, snippet_tokens=5)
     assert plain == [" ".join(t.split()[:5]) for t in TEXTS[:3]]

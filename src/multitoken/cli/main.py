@@ -632,7 +632,6 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> int:
-    import torch
     import time
     if args.base:  # a Hugging Face base: side by side with HF greedy and prompt lookup on chat prompts
         decoders = ["hf", "hf_pld"] + [m for m in args.modes if m in ("ar", "spec", "tree")]
@@ -644,7 +643,8 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
             num_draft=args.num_draft, tree=args.tree, pld_tokens=args.pld_tokens, verify_cost=bool(args.verify_widths),
             no_fast_kernels=args.no_fast_kernels, hf_forward=args.hf_forward, draft_cost=args.draft_cost,
             threads=args.threads, json=args.json, markdown=args.markdown, quiet=False))
-    from multitoken.measure.decode import bench_decode, machine_description, markdown_table, validation_prompts, verify_cost_table
+    from multitoken.data.prompts import validation_prompts
+    from multitoken.measure.decode import bench_decode, machine_description, markdown_table, verify_cost_table
 
     model, tokenizer = _load_decoder(args)
     draft_model = None
@@ -709,7 +709,7 @@ def add_bench_decode(bsub: argparse._SubParsersAction) -> None:
 
 
 def cmd_tune_tree(args: argparse.Namespace) -> int:
-    from multitoken.measure.decode import validation_prompts
+    from multitoken.data.prompts import validation_prompts
     from multitoken.training.checkpoint import resolve_checkpoint
     from multitoken.decoding.tree import build_tree, expected_accept_length, measure_topk_acceptance, save_tree
 
@@ -770,9 +770,9 @@ def cmd_heads_bench(args: argparse.Namespace) -> int:
     import platform
 
     from multitoken.measure.decode import machine_description
-    from multitoken.measure.decode_hf import (CODE_INSTRUCTION, PROSE_PROMPTS, bench_hf_decode, chat_ids, code_snippets, markdown,
-                           read_prompts, verify_costs)
-    from multitoken.training.heads import interleave
+    from multitoken.data.prompts import CODE_INSTRUCTION, PROSE_PROMPTS, code_snippets, interleave, read_prompts
+    from multitoken.hf.loading import chat_ids
+    from multitoken.measure.decode_hf import bench_hf_decode, markdown, verify_costs
     from multitoken.decoding.tree import resolve_tree
 
     model, tok = _load_decoder(args)

@@ -249,6 +249,11 @@ def apply_chat_template_or_fail(tokenizer, text: str, system: str | None = None)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` as one user turn in the tokenizer's chat template."""
+    return tokenizer.encode(apply_chat_template_or_fail(tokenizer, text), add_special_tokens=False)
+
+
 def model_identity(model, tokenizer=None) -> dict:
     """What heads and hidden caches record to refuse a different base or vocabulary.
 

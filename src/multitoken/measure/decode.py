@@ -6,7 +6,6 @@ plain decoding of the same model; ``identical`` checks every mode's tokens again
 """
 from __future__ import annotations
 
-import hashlib
 import platform
 import time
 from typing import Sequence
@@ -14,28 +13,6 @@ from typing import Sequence
 import torch
 
 from multitoken.decoding.generate import generate
-
-
-def validation_prompts(tokenizer, n_prompts: int = 16, prompt_tokens: int = 64, sources=None) -> list[list[int]]:
-    """Deterministic prompts: a window of ``prompt_tokens`` tokens from each of the first
-    ``n_prompts`` validation documents (stdlib by default), cut at a line start."""
-    from multitoken.data.corpus import iter_documents, split_of
-
-    prompts = []
-    for doc in iter_documents(sources):
-        if split_of(doc.name, 0.05) != "val" or len(doc.text) < 4 * prompt_tokens:
-            continue
-        seed = int(hashlib.sha256(doc.name.encode()).hexdigest()[:8], 16)
-        lines = doc.text.splitlines(keepends=True)
-        start = seed % max(1, len(lines) // 2)
-        ids = tokenizer.encode("".join(lines[start:]))[:prompt_tokens]
-        if len(ids) == prompt_tokens:
-            prompts.append(ids)
-        if len(prompts) == n_prompts:
-            break
-    if not prompts:
-        raise ValueError("no validation document is long enough for a prompt")
-    return prompts
 
 
 def machine_description() -> str:

@@ -8,7 +8,6 @@ prompt-lookup decoding (``prompt_lookup_num_tokens``), multitoken plain (``ar``)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -22,58 +21,6 @@ DECODERS = ("hf", "hf_pld", "ar", "spec", "spec_adaptive", "tree")
 MULTITOKEN_DECODERS = ("ar", "spec", "spec_adaptive", "tree")
 LABELS = {"hf": "HF generate greedy", "hf_pld": "HF prompt lookup", "ar": "multitoken plain",
           "spec": "multitoken chain", "spec_adaptive": "multitoken chain, adaptive k", "tree": "multitoken tree"}
-CODE_INSTRUCTION = "Continue this Python code:\n\n```python\n{code}```"
-PROSE_PROMPTS = (  # written for this benchmark; each is one user turn in the chat template
-    'Explain in a few paragraphs why the sky is blue, for a curious ten-year-old.',
-    'Write a short story about a lighthouse keeper who finds a message in a bottle.',
-    'What are the main causes of inflation, and how do central banks try to control it?',
-    'Describe the water cycle step by step.',
-    'Give me some practical advice for preparing for a job interview.',
-    'Summarize the history of the printing press and why it mattered.',
-    'Write a polite email to a neighbour asking them to keep their dog quiet at night.',
-    'What is photosynthesis and why is it important for life on Earth?',
-    'Compare living in a big city with living in the countryside.',
-    'Explain how vaccines train the immune system.',
-    'Write a product description for a reusable water bottle.',
-    'What should a beginner know before starting to run regularly?',
-)
-
-
-def code_snippets(tokenizer, n: int, snippet_tokens: int = 96, val_fraction: float = 0.05,
-                  split: str = "val") -> list[str]:
-    """``n`` code snippets from the stdlib's ``split`` ("val": files the heads never saw), each
-    about ``snippet_tokens`` tokens cut at whole lines, from a hash-chosen start line."""
-    from multitoken.data.corpus import iter_documents, split_of
-    out = []
-    for doc in iter_documents(None):
-        if split_of(doc.name, val_fraction) != split or len(doc.text) < 8 * snippet_tokens:
-            continue
-        lines = doc.text.splitlines(keepends=True)
-        start = int(hashlib.sha256(doc.name.encode()).hexdigest()[:8], 16) % max(1, len(lines) // 2)
-        text, count = "", 0
-        for line in lines[start:]:
-            count += len(tokenizer.encode(line, add_special_tokens=False))
-            if count > snippet_tokens:
-                break
-            text += line
-        if text.strip() and count > snippet_tokens // 2:
-            out.append(text)
-        if len(out) == n:
-            break
-    return out
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per non-empty line (``\\n`` escapes allowed), ``#`` lines are comments."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [ln.replace("\\n", "\n") for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-
-
-def chat_ids(tokenizer, text: str) -> list[int]:
-    from multitoken.hf.loading import apply_chat_template_or_fail
-    return tokenizer.encode(apply_chat_template_or_fail(tokenizer, text), add_special_tokens=False)
-
-
 def _hf_generate(base, ids: torch.Tensor, max_new: int, eos: int | None, pld: int | None):
     kw = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=eos if eos is not None else 0)
     if pld:

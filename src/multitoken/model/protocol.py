@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
 
 # pick(logits (B, V), j) -> tokens (B,): chooses draft token j from head j+1's logits.

@@ -13,78 +13,20 @@ forward per token (the expensive part on a CPU) is paid once and reused for ever
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-T = TypeVar("T")
-PROSE = "<prose>"  # data source: the English documentation topics shipped with the stdlib (pydoc_data)
-
-
-def _order_key(name: str) -> str:
-    return hashlib.sha256(name.encode("utf-8")).hexdigest()
-
-
-def prose_documents() -> list[tuple[str, str]]:
-    """(name, text) of the stdlib's English documentation topics (``pydoc_data.topics``), offline."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:  # some distributions strip pydoc_data
-        return []
-    return [(f"pydoc_data/{k}", v) for k, v in sorted(topics.items()) if v.strip()]
-
-
-def training_texts(data: Sequence[str] | None = None, val_fraction: float = 0.05, max_chars: int = 8000,
-                   prose_every: int = 3) -> Iterator[str]:
-    """Texts for the hidden cache, in a fixed, mixed order.
-
-    data: sources for :func:`multitoken.data.corpus.corpus.iter_documents`; None or ``"<stdlib>"`` means the
-    stdlib (its train split only: validation files by path hash are kept out, so benchmark
-    prompts drawn from them are unseen), ``"<prose>"`` adds the stdlib's English documentation.
-    Documents are ordered by a hash of their name (not alphabetically, which would fill a small
-    budget with ``_``-modules) and cut to ``max_chars`` so that many files contribute; with prose
-    each ``prose_every``-th text is a documentation topic.
-    """
-    from multitoken.data.corpus import STDLIB, iter_documents, split_of
-    sources = list(data) if data else [STDLIB]
-    prose = PROSE in sources
-    sources = [s for s in sources if s != PROSE]
-    docs: list[tuple[str, str]] = []
-    if sources:
-        stdlib = [s for s in sources if s in (STDLIB, None)]
-        other = [s for s in sources if s not in (STDLIB, None)]
-        if stdlib:
-            docs += [(d.name, d.text) for d in iter_documents(None)
-                     if val_fraction == 0 or split_of(d.name, val_fraction) == "train"]
-        if other:
-            docs += [(d.name, d.text) for d in iter_documents(other)]
-    docs.sort(key=lambda nd: _order_key(nd[0]))
-    extra = sorted(prose_documents(), key=lambda nd: _order_key(nd[0])) if prose else []
-    yield from interleave([t[:max_chars] for _, t in docs], [t[:max_chars] for _, t in extra], prose_every)
-
-
-def interleave(main: Sequence[T], extra: Sequence[T], every: int) -> Iterator[T]:
-    """``main`` with an item of ``extra`` as every ``every``-th item, then what remains of either
-    (every=2: main[0], extra[0], main[1], extra[1], ...)."""
-    i = j = 0
-    while i < len(main) or j < len(extra):
-        if j < len(extra) and (i >= len(main) or (i + j + 1) % every == 0):
-            yield extra[j]
-            j += 1
-        else:
-            yield main[i]
-            i += 1
-
+from multitoken.data.prompts import distill_prompts, training_texts
 
 # ----------------------------------------------------------------------------- draft vocabulary
 
@@ -467,50 +409,6 @@ def train_heads(model, cache, cfg: HeadsTrainConfig, out_dir: str | os.PathLike 
 
 
 # ----------------------------------------------------------------------------- self-distillation data
-
-PROSE_TEMPLATES = (
-    "Explain {} to someone who has never heard of it.", "Write a short story that involves {}.",
-    "What are the advantages and disadvantages of {}?", "Describe {} in a few paragraphs.",
-    "Give me five practical tips about {}.", "Summarize what people should know about {}.",
-    "Write a friendly letter to a friend about {}.", "Why does {} matter? Answer in simple words.",
-    "Write a short blog post about {}.", "What are common mistakes people make with {}?",
-)
-PROSE_TOPICS = (
-    "volcanoes", "learning a second language", "saving money", "the moon landing", "bees and pollination",
-    "public libraries", "sleep", "electric cars", "the Roman Empire", "composting at home", "rainforests",
-    "team sports", "climate change", "baking bread", "the internet", "recycling plastic", "earthquakes",
-    "keeping a journal", "the human heart", "solar power", "chess", "time management", "ocean tides",
-    "friendship", "museums", "growing tomatoes", "the Olympic Games", "first aid", "black holes",
-    "remote work", "music lessons", "wind turbines", "healthy breakfasts", "mountain hiking",
-    "the French Revolution", "online privacy", "birds migrating", "a small business", "cooking pasta",
-    "public transport",
-)
-
-
-def prose_tasks() -> list[str]:
-    """Instruction prompts built from templates x topics (for self-distillation; written for this
-    purpose, disjoint from the decode benchmark's prose prompts), in a fixed mixed order."""
-    tasks = [t.format(topic) for topic in PROSE_TOPICS for t in PROSE_TEMPLATES]
-    return sorted(tasks, key=_order_key)
-
-
-def distill_prompts(tokenizer, texts: Sequence[str], n: int, snippet_tokens: int = 96) -> list[str]:
-    """About ``n`` prompts for self-distillation, as the base will see them.
-
-    With a chat template (chat models): half "Continue this Python code" requests on snippets of
-    the stdlib's train split (the decode benchmark draws its code prompts from the validation
-    split), half prose instructions from :func:`prose_tasks`, alternating, each wrapped in the
-    template. Without one: the first ``snippet_tokens`` tokens of ``texts``.
-    """
-    from multitoken.measure.decode_hf import CODE_INSTRUCTION, code_snippets
-    from multitoken.hf.loading import apply_chat_template_or_fail
-    if not getattr(tokenizer, "chat_template", None):
-        heads = (tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:snippet_tokens]) for t in texts)
-        return [h for h in heads if h.strip()][:n]
-    code = [CODE_INSTRUCTION.format(code=c) for c in code_snippets(tokenizer, (n + 1) // 2, snippet_tokens, split="train")]
-    prose = prose_tasks()[:n - len(code)]
-    return [apply_chat_template_or_fail(tokenizer, p) for p in interleave(code, prose, 2)]
-
 
 @torch.inference_mode()
 def generate_distill_texts(model, tokenizer, prompts: Sequence[str], n_tokens: int, new_tokens: int = 128,
