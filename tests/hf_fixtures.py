@@ -6,19 +6,26 @@ WORDS = ("def return if else for in while import class self x y z n i print true
          "the a of to and is it that this with as be on at by from or an are was not").split()
 # Repetitive texts: a pattern the heads can learn within a few steps.
 TEXTS = [" ".join(WORDS[(3 * i + j) % 12] for j in range(60)) for i in range(24)]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
+def make_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over WORDS (ids 0, 1 = <unk>, <eos>); ``chat`` adds a tiny chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     vocab = {w: i for i, w in enumerate(["<unk>", "<eos>"] + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
-def make_model(seed: int = 0, vocab: int = 64, eos: int | None = 1) -> LlamaForCausalLM:
+def make_model(seed: int = 0, vocab: int = 64, eos: int | None = 1, tie: bool = False) -> LlamaForCausalLM:
+    """A 2-layer, 64-wide random Llama in eval mode; ``tie`` ties lm_head to the input embedding."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=eos, bos_token_id=None, pad_token_id=None)
+                      eos_token_id=eos, bos_token_id=None, pad_token_id=None, tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg).eval()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from multitoken.hf.loading import HiddenCache, build_hidden_cache, load_smollm2
+from multitoken.hf import HiddenCache, build_hidden_cache, load_smollm2
 
 
 def stdlib_texts():

@@ -7,8 +7,8 @@ Reports how far the adapted base moved from the original and whether spec/tree d
 import json, torch
 torch.set_num_threads(2)
 from multitoken.hf.wrapper import load_heads_model
-from multitoken.decoding.generate import generate
-from multitoken.data.prompts import PROSE_PROMPTS
+from multitoken.decoding import generate
+from multitoken.data import PROSE_PROMPTS
 from multitoken.hf.loading import chat_ids
 from multitoken.hf.loading import load_smollm2
 m = json.load(open("runs/smollm2-lora/train_summary.json"))

@@ -7,7 +7,7 @@ Run: .venv/bin/python bench/smollm2/pick_tree.py runs/smollm2-heads2 > runs/smol
 import json
 import sys
 
-from multitoken.decoding.tree import build_tree, expected_accept_length
+from multitoken.decoding import build_tree, expected_accept_length
 
 COST = {1: 0.89, 2: 1.06, 3: 1.11, 4: 1.24, 6: 1.22, 8: 1.26, 12: 1.41, 16: 1.58}  # block_kernels.md, 2 threads
 

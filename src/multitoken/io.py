@@ -64,3 +64,15 @@ def check_writable(path: str | os.PathLike, what: str = "output file") -> Path:
     if not os.access(parent, os.W_OK):
         raise MultitokenError(f"{what} {path}: folder {parent} is not writable")
     return path
+
+
+def json_object(line: str | bytes, where: str, error: type[MultitokenError] = MultitokenError) -> dict:
+    """One JSONL record: ``line`` parsed as a JSON object, else ``error("<where>: ...")``
+    (``where`` names the file and line, e.g. ``"data.jsonl:3"``)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj

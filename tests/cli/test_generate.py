@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from multitoken.training.checkpoint import save_checkpoint
+from multitoken.training import save_checkpoint
 from multitoken.cli.main import main
 from multitoken.data.tokenizer import ByteTokenizer
 from conftest import tiny_model
@@ -91,7 +91,7 @@ def test_bench_decode_writes_rows(ckpt, tmp_path, monkeypatch):
 
 def test_tune_tree_saves_a_tree_that_generate_uses(ckpt, tmp_path, monkeypatch, capsys):
     import multitoken.data.prompts as bd
-    from multitoken.decoding.tree import load_tree
+    from multitoken.decoding import load_tree
     monkeypatch.setattr(bd, "validation_prompts", lambda tok, n, k, sources=None: [tok.encode("for i in range(")] * 2)
     assert main(["tune-tree", "--model", str(ckpt), "--budget", "5", "--max-new-tokens", "8"]) == 0
     paths = load_tree(ckpt / "checkpoint")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import multitoken.data.corpus as data
-from multitoken.data.corpus import (
-    DataError, DecodeWarning, Document, PackedDataset, TokenStore, batch_indices,
-    build_token_store, get_batch, iter_documents, split_of, steps_per_epoch,
-)
+import multitoken.data.store as store_mod
+from multitoken.data.corpus import DataError, DecodeWarning, Document, iter_documents, split_of
+from multitoken.data.packing import PackedDataset, batch_indices, get_batch, steps_per_epoch
+from multitoken.data.store import TokenStore, build_token_store
 from multitoken.data.tokenizer import BPETokenizer, ByteTokenizer
 
 
@@ -79,7 +79,7 @@ def test_jsonl(tmp_path):
     with pytest.warns(DecodeWarning, match="1 byte"):
         assert [d.text for d in iter_documents([sep])] == ["a\u2028b", "caf\ufffd"]
     write(tmp_path / "bad.jsonl", '{"text": "ok"}\n{"text": broken\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
         list(iter_documents([tmp_path / "bad.jsonl"]))
     write(tmp_path / "notext.jsonl", '{"body": "x"}\n')
     with pytest.raises(DataError, match="'text' field"):
@@ -148,7 +148,7 @@ def test_stdlib_default_corpus(tmp_path):
     docs = list(iter_documents(None, max_docs=5))
     assert len(docs) == 5
     assert all(d.name.startswith("stdlib/") and d.name.endswith(".py") for d in docs)
-    names = [e.name for e in data._list_sources(None, data.DEFAULT_EXTENSIONS, include_tests=False)]
+    names = [e.name for e in data.list_sources(None, data.DEFAULT_EXTENSIONS, include_tests=False)]
     assert len(names) > 300
     assert not any(p in {"test", "tests", "idle_test", "site-packages"}
                    for n in names for p in n.split("/")[:-1])
@@ -173,7 +173,7 @@ def test_store_roundtrip_and_cache(corpus, tmp_path, monkeypatch, kind):
     assert store.meta["tokenizer"] == tok.fingerprint and store.meta["n_tokens"] == len(expect)
 
     # Second call: nothing is tokenised again.
-    monkeypatch.setattr(data, "_encode_chunk", lambda *a: pytest.fail("cache not reused"))
+    monkeypatch.setattr(store_mod, "_encode_chunk", lambda *a: pytest.fail("cache not reused"))
     again = build_token_store([corpus], tok, "all", cache, progress=False)
     assert again.path == store.path
     monkeypatch.undo()
@@ -205,7 +205,7 @@ def test_store_atomic_on_kill(corpus, tmp_path, monkeypatch):
         calls.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "_encode_chunk", killed)
+    monkeypatch.setattr(store_mod, "_encode_chunk", killed)
     with pytest.raises(KeyboardInterrupt):
         build_token_store([corpus], tok, "all", tmp_path / "cache", progress=False, batch_chars=10)
     assert calls and list((tmp_path / "cache").iterdir()) == []  # no final store, no temp dir left

@@ -5,8 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_model
-from multitoken.decoding.draft_length import DraftLengthPolicy
-from multitoken.decoding.generate import generate
+from multitoken.decoding import DraftLengthPolicy, generate
 
 
 def test_policy_follows_acceptance_and_cost():

@@ -5,11 +5,9 @@ from conftest import hf_greedy
 
 pytest.importorskip("transformers")
 
-from multitoken.hf.adapt import BaseAdaptationError, run_top_layers  # noqa: E402
-from multitoken.decoding.generate import generate  # noqa: E402
-from multitoken.training.heads import HeadsTrainConfig, HeadsTrainError, train_heads  # noqa: E402
-from multitoken.hf.wrapper import MTPHeadsForCausalLM  # noqa: E402
-from multitoken.hf.loading import build_hidden_cache  # noqa: E402
+from multitoken.hf import BaseAdaptationError, MTPHeadsForCausalLM, build_hidden_cache, run_top_layers  # noqa: E402
+from multitoken.decoding import generate  # noqa: E402
+from multitoken.training import HeadsTrainConfig, HeadsTrainError, train_heads  # noqa: E402
 
 from hf_fixtures import TEXTS, make_model, make_tokenizer  # noqa: E402
 
@@ -76,3 +74,12 @@ def test_bad_adaptations_are_refused(tmp_path):
     model = MTPHeadsForCausalLM(base, 3, "residual", train_base_layers=1)
     with pytest.raises(HeadsTrainError, match="layer"):
         train_heads(model, final_cache, HeadsTrainConfig(n_future=3, head_type="residual", steps=1, draft_vocab=0))
+
+
+def test_missing_peft_names_the_install(monkeypatch):
+    import multitoken.hf.loading as loading
+    from multitoken.errors import MultitokenError
+    real = loading._find_spec
+    monkeypatch.setattr(loading, "_find_spec", lambda name: None if name == "peft" else real(name))
+    with pytest.raises(MultitokenError, match="pip install peft"):
+        MTPHeadsForCausalLM(make_model(), 3, "residual", train_base_layers=1, lora_rank=4)

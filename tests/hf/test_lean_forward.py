@@ -9,10 +9,9 @@ transformers = pytest.importorskip("transformers")
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-from multitoken.decoding.generate import generate  # noqa: E402
-from multitoken.hf.lean_forward import LeanDecoderForward, lean_forward_unsupported  # noqa: E402
-from multitoken.hf.wrapper import MTPHeadsForCausalLM  # noqa: E402
-from multitoken.hf.kernels import block_kernels  # noqa: E402
+from multitoken.decoding import generate  # noqa: E402
+from multitoken.hf import (  # noqa: E402
+    LeanDecoderForward, MTPHeadsForCausalLM, block_kernels, lean_forward_unsupported)
 
 SIZES = dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -54,7 +53,7 @@ def test_which_bases_qualify():
 def test_blocks_match_the_hf_forward(arch, seed, prompt, block, fast):
     """Prefill, a chain block, a rollback and a tree block over the static cache give the hidden
     states of HF's full forward on the same tokens (tree nodes: on their root path)."""
-    from multitoken.hf.kernels import install_block_linears
+    from multitoken.hf import install_block_linears
     base = tiny(arch, seed)
     if fast:
         install_block_linears(base)

@@ -6,8 +6,8 @@ from conftest import hf_greedy
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from multitoken.decoding.generate import generate  # noqa: E402
-from multitoken.hf.wrapper import HeadsMismatchError, MTPHeadsForCausalLM  # noqa: E402
+from multitoken.decoding import generate  # noqa: E402
+from multitoken.hf import HeadsMismatchError, MTPHeadsForCausalLM  # noqa: E402
 
 
 def tiny_llama(seed=0, vocab=64):

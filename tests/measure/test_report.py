@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from multitoken.cli.main import main
+from multitoken.errors import MultitokenError
 from multitoken.measure.report import bench_kind, find_bench_results, load_metrics, render_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -91,7 +92,7 @@ def test_report_errors(tmp_path, monkeypatch, capsys):
         render_report(tmp_path / "missing")
     run = make_run(tmp_path / "run")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the plot extra were not installed
-    with pytest.raises(ImportError, match="pip install matplotlib"):
+    with pytest.raises(MultitokenError, match="pip install matplotlib"):
         render_report(run)
     assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -22,8 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from multitoken.training.checkpoint import load_model, read_train_config
-from multitoken.training.trainer import MTPTrainer, build_config, merge_config
+from multitoken.training import MTPTrainer, build_config, load_model, merge_config, read_train_config
 
 
 pytestmark = [pytest.mark.skipif(
@@ -189,7 +188,7 @@ def test_fsdp_reduces_each_unit_once_per_step(corpus, tmp_path, monkeypatch, one
     reduction per FSDP unit. One rank, so counting FSDP's reduce calls needs no second process."""
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
-    from multitoken.training.distributed import shard_units
+    from multitoken.training.sharding import shard_units
 
     calls = []
     real = _fsdp_param_group.foreach_reduce

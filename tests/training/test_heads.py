@@ -9,13 +9,17 @@ from conftest import hf_greedy
 pytest.importorskip("transformers")
 from hf_fixtures import TEXTS, make_model, make_tokenizer  # noqa: E402
 
-from multitoken.decoding.generate import generate  # noqa: E402
-from multitoken.training.heads import (  # noqa: E402
-    IGNORE, HeadsTrainConfig, HeadsTrainError, draft_vocab_from_cache, draft_vocab_from_counts,
-    evaluate_heads, generate_distill_texts, head_targets, split_rows, train_heads, vocab_index)
-from multitoken.data.prompts import distill_prompts, prose_tasks, training_texts  # noqa: E402
-from multitoken.hf.wrapper import DraftVocabHead, MTPHeadsForCausalLM  # noqa: E402
-from multitoken.hf.loading import build_hidden_cache  # noqa: E402
+from multitoken.decoding import generate  # noqa: E402
+from multitoken.data import training_texts  # noqa: E402
+from multitoken.model.targets import IGNORE_INDEX as IGNORE  # noqa: E402
+from multitoken.training import HeadsTrainConfig, HeadsTrainError, train_heads  # noqa: E402
+from multitoken.training.draft_vocab import draft_vocab_from_cache, draft_vocab_from_counts, vocab_index  # noqa: E402
+from multitoken.training.head_stats import evaluate_heads, head_targets, split_rows  # noqa: E402
+from multitoken.hf import DraftVocabHead, MTPHeadsForCausalLM, build_hidden_cache  # noqa: E402
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant{% endif %}")
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
@@ -111,37 +115,6 @@ def test_greedy_identity_with_a_draft_vocabulary(head_type):
     assert accepted > 0
     out = generate(model, torch.tensor([[1, 2, 3]]), 10, mode="spec", temperature=0.8, seed=0)  # sampling runs
     assert len(out.tokens[0]) == 10
-
-
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant{% endif %}")
-
-
-def test_distill_prompts_plain_and_chat():
-    from multitoken.data.prompts import PROSE_PROMPTS
-    tok = make_tokenizer()
-    plain = distill_prompts(tok, TEXTS, 3, snippet_tokens=5)
-    assert plain == [" ".join(t.split()[:5]) for t in TEXTS[:3]]
-    tok.chat_template = CHAT_TEMPLATE
-    chat = distill_prompts(tok, TEXTS, 6)
-    assert len(chat) == 6 and all(p.startswith("user ") and p.endswith("assistant") for p in chat)
-    assert ["Continue this Python code" in p for p in chat] == [True, False] * 3
-    tasks = prose_tasks()
-    assert len(set(tasks)) == len(tasks) == 400 and not set(PROSE_PROMPTS) & set(tasks)
-
-
-def test_batched_distill_answers_equal_single_prompt_greedy():
-    model, tok = make_model(eos=1), make_tokenizer()
-    prompts = ["def x if", "the a of to and is it", "return y"]
-    texts = generate_distill_texts(model, tok, prompts, n_tokens=10 ** 6, new_tokens=12, batch_size=2,
-                                   progress=False)
-    assert len(texts) == 3
-    for prompt in prompts:
-        ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-        ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=1, eos_token_id=1)
-        assert tok.decode(ref[0].tolist(), skip_special_tokens=False) in texts
-    few = generate_distill_texts(model, tok, prompts, n_tokens=1, new_tokens=12, batch_size=2, progress=False)
-    assert len(few) == 2  # stops after the first batch once n_tokens answer tokens exist
 
 
 def test_bad_config_and_texts():

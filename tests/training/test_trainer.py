@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from multitoken import MTPModel
-from multitoken.training.checkpoint import find_checkpoint, load_model, load_trainer_state
-from multitoken.data.corpus import DataError
+from multitoken.data import DataError
 from multitoken.model.targets import shift_targets
-from multitoken.training.trainer import (
-    PRESETS, MTPTrainer, TrainConfig, TrainingDiverged, build_config, load_config_file, lr_factor,
-    merge_config, param_groups, parse_set, train_demo_model,
+from multitoken.training import (
+    MTPTrainer, TrainConfig, TrainingDiverged, build_config, find_checkpoint, load_model, merge_config, parse_set,
+    train_demo_model,
 )
+from multitoken.training.checkpoint import load_trainer_state
+from multitoken.training.config import PRESETS, load_config_file
 from conftest import write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,19 +116,6 @@ def test_presets_and_example_file_are_valid():
     assert (small.n_future, small.head_type, small.vocab_size) == (4, "sequential", 257)
     for f in sorted((ROOT / "configs").glob("*.yaml")):
         build_config(None, f)
-
-
-def test_lr_schedule_and_param_groups():
-    f = [lr_factor(s, warmup=4, total=20, final_ratio=0.1) for s in range(20)]
-    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert f[4] == 1.0 and f[-1] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(f[4:], f[5:]))
-    model = MTPModel(TrainConfig(model=dict(d_model=32, n_layer=2)).model_config(40))
-    decay, no_decay = param_groups(model, 0.1)
-    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    assert no_decay["weight_decay"] == 0.0
-    n_unique = len({id(p) for p in model.parameters()})
-    assert len(decay["params"]) + len(no_decay["params"]) == n_unique  # tied weights once
 
 
 # --------------------------------------------------------------------------- training

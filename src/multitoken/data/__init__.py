@@ -1,0 +1,16 @@
+"""Corpus, tokenizers, and the text and prompt sets (training texts, benchmark prompts)."""
+from multitoken.data.corpus import STDLIB, DataError, iter_documents, split_of
+from multitoken.data.prompts import (
+    CODE_INSTRUCTION, PROSE_PROMPTS, code_snippets, interleave, prose_documents, prose_tasks, read_prompts,
+    training_texts, validation_prompts,
+)
+from multitoken.data.packing import PackedDataset
+from multitoken.data.store import build_token_store, token_dtype
+from multitoken.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, make_tokenizer
+
+__all__ = [
+    "STDLIB", "DataError", "iter_documents", "split_of", "token_dtype", "build_token_store", "PackedDataset",
+    "Tokenizer", "ByteTokenizer", "load_tokenizer", "make_tokenizer", "CODE_INSTRUCTION", "PROSE_PROMPTS",
+    "code_snippets", "read_prompts", "validation_prompts", "interleave", "prose_tasks", "training_texts",
+    "prose_documents",
+]

@@ -2,8 +2,8 @@
 
 * :func:`training_texts`: the mixed text stream a hidden-state cache is built from (stdlib train
   split, optional stdlib prose documentation, user files).
-* self-distillation requests: :func:`prose_tasks` and :func:`distill_prompts` (code continuation on
-  train-split snippets, prose instructions), disjoint from every benchmark prompt;
+* self-distillation requests: :func:`prose_tasks` and train-split :func:`code_snippets` (wrapped in
+  a chat template by :func:`multitoken.hf.distill.distill_prompts`), disjoint from every benchmark prompt;
 * benchmark prompts: :func:`validation_prompts` (native models: raw validation-split windows),
   :data:`CODE_INSTRUCTION` + :func:`code_snippets` on the validation split and :data:`PROSE_PROMPTS`
   (chat models), :func:`read_prompts` for a user's file.
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator, Sequence, TypeVar
 
 from multitoken.data.corpus import STDLIB, iter_documents, split_of
+from multitoken.errors import MultitokenError
 
 T = TypeVar("T")
 PROSE = "<prose>"  # data source: the English documentation topics shipped with the stdlib (pydoc_data)
@@ -37,7 +38,7 @@ def training_texts(data: Sequence[str] | None = None, val_fraction: float = 0.05
                    prose_every: int = 3) -> Iterator[str]:
     """Texts for the hidden cache, in a fixed, mixed order.
 
-    data: sources for :func:`multitoken.data.corpus.corpus.iter_documents`; None or ``"<stdlib>"`` means the
+    data: sources for :func:`multitoken.data.corpus.iter_documents`; None or ``"<stdlib>"`` means the
     stdlib (its train split only: validation files by path hash are kept out, so benchmark
     prompts drawn from them are unseen), ``"<prose>"`` adds the stdlib's English documentation.
     Documents are ordered by a hash of their name (not alphabetically, which would fill a small
@@ -98,23 +99,6 @@ def prose_tasks() -> list[str]:
     purpose, disjoint from the decode benchmark's prose prompts), in a fixed mixed order."""
     tasks = [t.format(topic) for topic in PROSE_TOPICS for t in PROSE_TEMPLATES]
     return sorted(tasks, key=order_key)
-
-
-def distill_prompts(tokenizer, texts: Sequence[str], n: int, snippet_tokens: int = 96) -> list[str]:
-    """About ``n`` prompts for self-distillation, as the base will see them.
-
-    With a chat template (chat models): half "Continue this Python code" requests on snippets of
-    the stdlib's train split (the decode benchmark draws its code prompts from the validation
-    split), half prose instructions from :func:`prose_tasks`, alternating, each wrapped in the
-    template. Without one: the first ``snippet_tokens`` tokens of ``texts``.
-    """
-    from multitoken.hf.loading import apply_chat_template_or_fail
-    if not getattr(tokenizer, "chat_template", None):
-        heads = (tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:snippet_tokens]) for t in texts)
-        return [h for h in heads if h.strip()][:n]
-    code = [CODE_INSTRUCTION.format(code=c) for c in code_snippets(tokenizer, (n + 1) // 2, snippet_tokens, split="train")]
-    prose = prose_tasks()[:n - len(code)]
-    return [apply_chat_template_or_fail(tokenizer, p) for p in interleave(code, prose, 2)]
 
 
 CODE_INSTRUCTION = "Continue this Python code:\n\n```python\n{code}```"
@@ -179,5 +163,5 @@ def validation_prompts(tokenizer, n_prompts: int = 16, prompt_tokens: int = 64, 
         if len(prompts) == n_prompts:
             break
     if not prompts:
-        raise ValueError("no validation document is long enough for a prompt")
+        raise MultitokenError("no validation document is long enough for a prompt")
     return prompts

@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence, runtime_checkable
+
+from multitoken.errors import MultitokenError
+from multitoken.io import atomic_write, read_json, write_json
 
 EOS_TOKEN = "<|endoftext|>"
 CONFIG_NAME = "tokenizer_config.json"  # says which kind lives in the directory
@@ -44,18 +46,6 @@ class Tokenizer(Protocol):
     def fingerprint(self) -> str:
         """Stable hash of everything that determines the id mapping (cache keys)."""
         ...
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename so a killed process never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
@@ -100,7 +90,7 @@ class ByteTokenizer:
         d.mkdir(parents=True, exist_ok=True)
         cfg = {"type": "byte", "version": _FORMAT_VERSION, "vocab_size": self.vocab_size,
                "eos_token": EOS_TOKEN}
-        _atomic_write_text(d / CONFIG_NAME, json.dumps(cfg, indent=2) + "\n")
+        write_json(d / CONFIG_NAME, cfg)
 
     @property
     def fingerprint(self) -> str:
@@ -122,7 +112,7 @@ class BPETokenizer:
         self._tk = tk
         eos = tk.token_to_id(EOS_TOKEN)
         if eos is None:
-            raise ValueError(f"BPE tokenizer has no {EOS_TOKEN} token")
+            raise MultitokenError(f"BPE tokenizer has no {EOS_TOKEN} token")
         # Treat "<|endoftext|>" inside the input text as text, like ByteTokenizer does.
         tk.encode_special_tokens = True
         self.eos_id = int(eos)
@@ -137,7 +127,7 @@ class BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
         if vocab_size < 257:
-            raise ValueError(f"BPE vocab_size must be >= 257 (256 bytes + {EOS_TOKEN}), got {vocab_size}")
+            raise MultitokenError(f"BPE vocab_size must be >= 257 (256 bytes + {EOS_TOKEN}), got {vocab_size}")
         tk = HFTokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()
@@ -159,7 +149,7 @@ class BPETokenizer:
         try:
             tk = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception on bad JSON
-            raise ValueError(f"corrupt BPE tokenizer file {path}: {e}") from None
+            raise MultitokenError(f"corrupt BPE tokenizer file {path}: {e}") from None
         return cls(tk)
 
     def encode(self, text: str) -> list[int]:
@@ -176,10 +166,10 @@ class BPETokenizer:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         # The model file first: a config that names it is only written once it is there.
-        _atomic_write_text(d / BPE_FILE, self._tk.to_str())
+        atomic_write(d / BPE_FILE, self._tk.to_str())
         cfg = {"type": "bpe", "version": _FORMAT_VERSION, "vocab_size": self.vocab_size,
                "eos_token": EOS_TOKEN, "file": BPE_FILE}
-        _atomic_write_text(d / CONFIG_NAME, json.dumps(cfg, indent=2) + "\n")
+        write_json(d / CONFIG_NAME, cfg)
 
     @property
     def fingerprint(self) -> str:
@@ -206,9 +196,9 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {d} (not a saved tokenizer)")
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"corrupt tokenizer config {cfg_path}: {e}") from None
+        cfg = read_json(cfg_path, "tokenizer config")
+    except MultitokenError as e:  # the file exists (checked above): it is corrupt
+        raise MultitokenError(f"corrupt {e}") from None
     kind = cfg.get("type") if isinstance(cfg, dict) else None
     if kind == "byte":
         return ByteTokenizer()
@@ -219,9 +209,9 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         tok = BPETokenizer.from_file(f)
         want = cfg.get("vocab_size")
         if want is not None and want != tok.vocab_size:
-            raise ValueError(f"{f}: vocab_size {tok.vocab_size} does not match {CONFIG_NAME} ({want})")
+            raise MultitokenError(f"{f}: vocab_size {tok.vocab_size} does not match {CONFIG_NAME} ({want})")
         return tok
-    raise ValueError(f"{cfg_path}: unknown tokenizer type {kind!r} (expected 'byte' or 'bpe')")
+    raise MultitokenError(f"{cfg_path}: unknown tokenizer type {kind!r} (expected 'byte' or 'bpe')")
 
 
 def make_tokenizer(kind: str = "byte", texts: Iterable[str] | None = None,
@@ -233,4 +223,4 @@ def make_tokenizer(kind: str = "byte", texts: Iterable[str] | None = None,
         if texts is None or vocab_size is None:
             raise ValueError("a BPE tokenizer needs training texts and a vocab_size")
         return BPETokenizer.train(texts, vocab_size, show_progress=show_progress)
-    raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'byte' or 'bpe')")
+    raise MultitokenError(f"unknown tokenizer kind {kind!r} (expected 'byte' or 'bpe')")

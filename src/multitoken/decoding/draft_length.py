@@ -11,15 +11,19 @@ a run of code drafts them all. Output is unaffected: every k is exact.
 """
 from __future__ import annotations
 
+from multitoken.errors import MultitokenError
+
 
 class DraftLengthPolicy:
+    """Chooses each step's draft length (0..max_draft) maximising E(k) / C(k); see the module docstring."""
+
     def __init__(self, max_draft: int, draft_cost: float = 0.1, decay: float = 0.9, probe_every: int = 8):
         if max_draft < 1:
-            raise ValueError(f"max_draft must be >= 1, got {max_draft}")
+            raise MultitokenError(f"max_draft must be >= 1, got {max_draft}")
         if draft_cost < 0:
-            raise ValueError(f"draft_cost must be >= 0, got {draft_cost}")
+            raise MultitokenError(f"draft_cost must be >= 0, got {draft_cost}")
         if not 0 < decay <= 1:
-            raise ValueError(f"decay must be in (0, 1], got {decay}")
+            raise MultitokenError(f"decay must be in (0, 1], got {decay}")
         self.max_draft, self.draft_cost, self.decay, self.probe_every = max_draft, draft_cost, decay, probe_every
         self.accepted = [0.0] * max_draft  # decayed counts per draft position
         self.attempted = [0.0] * max_draft

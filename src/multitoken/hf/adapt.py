@@ -15,8 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from multitoken.errors import MultitokenError
+from multitoken.hf.loading import require_package
 
-class BaseAdaptationError(ValueError):
+
+class BaseAdaptationError(MultitokenError):
     """The base cannot be adapted as asked (architecture, layer count, missing peft)."""
 
 
@@ -44,10 +47,8 @@ def adapt_base(base: nn.Module, layers: int, lora_rank: int = 0) -> int:
         p.requires_grad_(False)
     top = range(len(stack) - layers, len(stack))
     if lora_rank:
-        try:
-            from peft import LoraConfig, inject_adapter_in_model
-        except ImportError:
-            raise BaseAdaptationError("LoRA needs peft: pip install peft") from None
+        require_package("peft", "pip install peft")  # LoRA adapters
+        from peft import LoraConfig, inject_adapter_in_model
         names = sorted({n.rsplit(".", 1)[-1] for i in top for n, m in stack[i].named_modules()
                         if isinstance(m, nn.Linear)})
         inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
@@ -70,6 +71,7 @@ def cache_layer(base: nn.Module, layers: int) -> int | None:
 def run_top_layers(base: nn.Module, hidden: Tensor, layers: int) -> Tensor:
     """hidden (B, T, d) entering decoder layer L-``layers`` at positions 0..T-1 -> the final
     post-norm hidden state (B, T, d), through the (trainable) top layers, causal, no KV cache."""
+    require_package("transformers", "pip install transformers")
     from transformers.masking_utils import create_causal_mask
     stack, norm = decoder_stack(base)
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)

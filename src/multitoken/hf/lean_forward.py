@@ -6,7 +6,7 @@ construction, output capture, ``DynamicCache`` concatenation of every layer's ke
 values, which copies the whole cache on every pass). This module runs the same modules of
 the same model (norms, projections, MLP, the model's own rotary embedding) in the same order
 with the same operations, but writes keys and values into the preallocated
-:class:`multitoken.model.native.layers.KVCache`, so a rollback is a length change and a tree accept moves
+:class:`multitoken.model.layers.KVCache`, so a rollback is a length change and a tree accept moves
 only the kept block entries. On a 2-core CPU, with the oneDNN kernels of
 :mod:`multitoken.hf.kernels`, this took a 4-token SmolLM2-135M pass (decoder layers only) from
 ~59 ms to ~51 ms in a side-by-side timing (``bench/smollm2/NOTES.md`` §8; whole verify passes:
@@ -70,9 +70,7 @@ class LeanDecoderForward:
     def _context(self, x: Tensor, cache: KVCache, depths: Tensor, tree_mask: Tensor | None) -> PassContext:
         """Slots, positions and mask of a block appended after each row's committed prefix."""
         batch, width = x.shape[:2]
-        kv_len = int(cache.lengths.max()) + width
-        if kv_len > cache.capacity:
-            raise ValueError(f"KV cache full: need {kv_len} slots, capacity is {cache.capacity}")
+        kv_len = cache.slots_read(width)
         positions = cache.lengths[:, None] + depths.to(x.device).reshape(-1, width).expand(batch, width)  # (B, W)
         cos, sin = self.model.rotary_emb(x, positions)  # (B, W, Dh): the model's own rope (scaling included)
         slots = cache.lengths[:, None] + torch.arange(width, device=x.device)

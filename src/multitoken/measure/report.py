@@ -7,7 +7,7 @@ Inputs found in the run directory:
   evaluation rows carry ``"split": "val"``. A truncated last line (a run killed mid-write)
   is skipped and counted.
 * bench results (``*.json`` in the run dir or its ``bench/`` folder, or passed explicitly):
-  ``memory`` / ``train`` results of :mod:`multitoken.measure.bench` and decoding results whose rows
+  ``memory`` / ``train`` results of :mod:`multitoken.measure.memory` / :mod:`~multitoken.measure.train_step` and decoding results whose rows
   have ``mode``, ``tau``, ``acceptance_rates`` [k], ``tokens_per_s``, ``speedup``. A file
   is recognised by its ``benchmark`` field or else by its rows' keys.
 
@@ -17,9 +17,14 @@ n_future, training-step cost per head type. matplotlib is the optional ``plot`` 
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
+
+from multitoken.errors import MultitokenError
+from multitoken.io import atomic_write, check_writable, read_json
+from multitoken.measure.tables import write_markdown
 
 BENCH_KINDS = ("memory", "train", "decode")
 
@@ -66,18 +71,15 @@ def bench_kind(result: dict) -> str | None:
 def find_bench_results(run_dir: str | Path, extra: list[str | Path] = ()) -> dict[str, dict]:
     """{kind: result} from the run dir's JSON files (and ``extra`` files, which win)."""
     run_dir = Path(run_dir)
-    candidates = sorted(run_dir.glob("*.json")) + sorted((run_dir / "bench").glob("*.json")) + [Path(p) for p in extra]
+    explicit = [Path(p) for p in extra]
+    candidates = sorted(run_dir.glob("*.json")) + sorted((run_dir / "bench").glob("*.json")) + explicit
     found: dict[str, dict] = {}
     for path in candidates:
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            if path in [Path(p) for p in extra]:
-                raise FileNotFoundError(f"bench file not found: {path}") from None
-            continue
-        except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
-            if path in [Path(p) for p in extra]:
-                raise ValueError(f"bench file {path} is not valid JSON") from None
+            data = read_json(path, "bench file")
+        except MultitokenError:
+            if path in explicit:  # a file the user named must be readable; others may be anything
+                raise
             continue
         if isinstance(data, list):
             data = {"rows": data}
@@ -85,8 +87,8 @@ def find_bench_results(run_dir: str | Path, extra: list[str | Path] = ()) -> dic
         if kind:
             data["_path"] = str(path)
             found[kind] = data
-        elif path in [Path(p) for p in extra]:
-            raise ValueError(f"{path} is not a memory, train or decode bench result")
+        elif path in explicit:
+            raise MultitokenError(f"{path} is not a memory, train or decode bench result")
     return found
 
 
@@ -94,7 +96,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install matplotlib (or pip install 'multitoken[plot]')") from None
+        raise MultitokenError("plotting needs matplotlib: pip install matplotlib (or pip install 'multitoken[plot]')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -102,7 +104,9 @@ def _pyplot():
 
 def _save(plt, fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write(path, buf.getvalue())
     plt.close(fig)
 
 
@@ -278,8 +282,6 @@ def _recorded(result: dict) -> dict:
 def render_report(run_dir: str | Path, out_dir: str | Path | None = None,
                   bench_files: list[str | Path] = ()) -> dict:
     """Write the plots and ``report.md`` for a run directory; return {"report": path, "plots": [...]}."""
-    from multitoken.measure.bench import write_markdown
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
@@ -287,10 +289,11 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None,
     train, val, bad = load_metrics(metrics) if metrics.exists() else ([], [], 0)
     benches = find_bench_results(run_dir, bench_files)
     if not train and not val and not benches:
-        raise ValueError(f"nothing to report in {run_dir}: no metrics.jsonl rows and no bench JSON files")
+        raise MultitokenError(f"nothing to report in {run_dir}: no metrics.jsonl rows and no bench JSON files")
     _pyplot()  # fail early, before anything is written, when matplotlib is missing
     out = Path(out_dir) if out_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
+    check_writable(out / "report.md", "report")
     plots: list[Path] = []
     lines = [f"# Report: {run_dir.name}", ""]
 
@@ -303,8 +306,8 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None,
     if train or val:
         lines += _training_summary(train, val, bad)
         add_plot(plot_training, (train, val), "training_curves.png", "training curves per head")
-    if "decode" in benches:
-        rows = benches["decode"]["rows"]
+    if "decode" in benches:  # grouped results (prompt groups): the pooled "all" rows
+        rows = [r for r in benches["decode"]["rows"] if r.get("group", "all") == "all"]
         lines += ["## Decoding", "", f"From `{benches['decode']['_path']}`.", ""] + _decode_table(rows) + [""]
         if any(r.get("acceptance_rates") for r in rows):
             add_plot(plot_acceptance, (rows,), "acceptance.png", "acceptance rate per draft position")
@@ -318,5 +321,5 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None,
         lines += [write_markdown("train", result, meta=_recorded(result)), f"From `{result['_path']}`.", ""]
         add_plot(plot_train_bench, (result["rows"],), "train_bench.png", "training-step cost per head type")
     report = out / "report.md"
-    report.write_text("\n".join(lines).rstrip() + "\n")
+    atomic_write(report, "\n".join(lines).rstrip() + "\n")
     return {"report": str(report), "plots": [str(p) for p in plots]}

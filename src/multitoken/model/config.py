@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from multitoken.errors import MultitokenError
+from multitoken.io import read_json, write_json
 
 HEAD_TYPES = ("linear", "residual", "modulated", "transformer", "sequential")
 ACTIVATIONS = ("silu", "gelu")
@@ -30,7 +32,7 @@ class MTPConfig:
 
     def __post_init__(self) -> None:
         def fail(field: str, value, allowed: str) -> None:
-            raise ValueError(f"invalid config: {field}={value!r}; allowed: {allowed}")
+            raise MultitokenError(f"invalid config: {field}={value!r}; allowed: {allowed}")
 
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "max_seq_len", "n_future"):
             value = getattr(self, name)
@@ -79,18 +81,20 @@ class MTPConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"invalid config: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+            raise MultitokenError(f"invalid config: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the config as JSON, atomically."""
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "MTPConfig":
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+        """Read a config saved by :meth:`save`. A missing file raises FileNotFoundError (callers
+        tell a missing checkpoint from a broken one); a malformed one MultitokenError."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = read_json(path, "config file")
+        if not isinstance(data, dict):
+            raise MultitokenError(f"config file {path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)

@@ -1,64 +1,68 @@
 """Prediction heads 1..n_future-1 (head 0 is always the trunk's own next-token head).
 
-All head types share one interface, used both by the native :class:`MTPModel` and by
-the Hugging Face wrapper:
+One class per head type behind one interface, :class:`Heads`; :data:`HEAD_CLASSES` maps each
+``head_type`` to its class and :func:`build_heads` builds one. The native
+:class:`~multitoken.model.native.MTPModel` and the Hugging Face wrapper use only the interface:
 
-* ``hiddens(...)``: teacher-forced pre-unembedding hidden states g_i (B, T, d) of heads
-  1..n-1 (training, scoring); ``unembed(i, g, lm_head)`` turns them into logits.
-* decoding: ``new_decode_state``, ``on_verify`` / ``on_accept`` (keep attention heads'
-  KV caches in lockstep with the trunk's) and ``draft`` (logits of heads 1..k at the last
-  committed position, with ``sequential`` running its modules as a chain).
+* training: ``hiddens(hn, z, tokens)`` -> teacher-forced hidden states g_1..g_{n-1}, each
+  (B, T, d); ``unembed(i, g)`` turns g_i into logits.
+* decoding: ``new_decode_state(seq)`` -> the head type's own decode state, which holds the
+  owner's :class:`CommittedSequence`; ``on_verify`` / ``on_accept`` / ``crop`` keep it in
+  lockstep with the owner's KV cache; ``draft`` gives the logits of heads 1..k at the last
+  committed position (``sequential`` runs its modules as a chain).
 
-The trunk owner keeps a :class:`CommittedSequence` (tokens and final-norm hidden states of
-every committed position) that ``draft`` reads.
+The heads borrow the owner's unembedding, token embedding and rotary tables through
+:class:`SharedModules`, handed over once at construction.
+
+State-dict keys are the attribute names used below (``mlps``, ``step_embeddings``,
+``transform``, ``blocks``, ``norms``, ``modules_``, ``out``): saved checkpoints and heads files
+depend on them, and ``tests/model/test_heads.py`` pins them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from multitoken.model.config import MTPConfig
-from multitoken.model.layers import Block, KVCache, PassContext, RMSNorm, RotaryEmbedding, causal_context
+from multitoken.model.config import HEAD_TYPES, MTPConfig
+from multitoken.model.layers import (
+    Block, CommittedSequence, KVCache, PassContext, RMSNorm, RotaryEmbedding, causal_context,
+)
 from multitoken.model.protocol import DraftPicker
 from multitoken.model.targets import shift_tokens
 
 
-class CommittedSequence:
-    """Per-row committed tokens and trunk hidden states (head inputs), plus the pending block.
+@dataclass(eq=False)
+class SharedModules:
+    """What the heads borrow from the model that owns them. A plain object, not a Module, so the
+    borrowed modules stay registered (and in the state dict) under their owner only."""
 
-    tokens (B, S) long, hidden (B, S, d): position s of row b is valid for s < lengths[b].
-    """
+    lm_head: nn.Module  # the owner's unembedding (d -> V), shared unless the heads have their own `out`
+    embed: nn.Module  # token embedding: `sequential` heads read the tokens ahead
+    rope: RotaryEmbedding  # rotary tables of the attention heads (`transformer`, `sequential`)
+    draft_lm_head: nn.Module | None = None  # unembedding used while drafting instead of lm_head (a draft vocabulary)
 
-    def __init__(self, batch_size: int, capacity: int, d_model: int, dtype, device):
-        self.tokens = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
-        self.hidden = torch.zeros(batch_size, capacity, d_model, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self._pending: tuple[Tensor, Tensor] | None = None
 
-    def stage(self, tokens: Tensor, hidden: Tensor) -> None:
-        """Remember the block of the last verify pass: tokens (B, W), hidden (B, W, d)."""
-        self._pending = (tokens, hidden)
+@dataclass
+class HeadsDecodeState:
+    """Decode state of the position-wise heads (linear, residual, modulated): what was committed."""
 
-    def commit(self, keep: Tensor | None, counts: Tensor) -> None:
-        """Append block offsets keep[b, :counts[b]] (None = a prefix) to each row."""
-        tokens, hidden = self._pending
-        batch, width = tokens.shape
-        if keep is None:
-            keep = torch.arange(width, device=tokens.device).expand(batch, width)
-        valid = torch.arange(keep.shape[1], device=keep.device)[None, :] < counts[:, None]  # (B, M)
-        rows = torch.arange(batch, device=keep.device)[:, None].expand_as(keep)
-        dst = self.lengths[:, None] + torch.arange(keep.shape[1], device=keep.device)
-        self.tokens[rows[valid], dst[valid]] = tokens.gather(1, keep)[valid]
-        self.hidden[rows[valid], dst[valid]] = hidden[rows[valid], keep[valid]].to(self.hidden.dtype)
-        self.lengths = self.lengths + counts
-        self._pending = None
+    seq: CommittedSequence  # the owner's committed tokens and final-norm hidden states
 
-    def last_hidden(self) -> Tensor:
-        """(B, d) hidden state at each row's last committed position."""
-        rows = torch.arange(self.lengths.shape[0], device=self.lengths.device)
-        return self.hidden[rows, self.lengths - 1]
+
+@dataclass
+class TransformerDecodeState(HeadsDecodeState):
+    cache: KVCache | None = None  # one layer per head, in lockstep with the trunk (None: no heads)
+    pending: Tensor | None = None  # (B, W, n-1, d) head outputs of the last verify
+    last: Tensor | None = None  # (B, n-1, d) head outputs at the last committed position
+
+
+@dataclass
+class SequentialDecodeState(HeadsDecodeState):
+    caches: list[KVCache] = field(default_factory=list)  # one per depth; depth j lags the trunk by j
+    chain: Tensor | None = None  # (n-2, B, S, d) chain states h_1..h_{n-2} per position
 
 
 class ResidualMLP(nn.Module):
@@ -91,42 +95,24 @@ class SequentialModule(nn.Module):
         return self.block(x, ctx, cache, 0)
 
 
-@dataclass
-class HeadsDecodeState:
-    caches: list[KVCache] = field(default_factory=list)  # transformer: 1 (lockstep); sequential: 1 per depth
-    chain: Tensor | None = None  # sequential: (n-2, B, S, d) chain states h_1..h_{n-2} per position
-    pending: Tensor | None = None  # transformer: (B, W, n-1, d) head outputs of the last verify
-    last: Tensor | None = None  # transformer: (B, n-1, d) head outputs at the last committed position
+class Heads(nn.Module):
+    """Heads 1..n_future-1 of one head type (see DESIGN.md's table); subclasses add their modules
+    in ``_build`` and their teacher-forced pass in ``_hiddens``."""
 
+    head_type: str = ""
 
-class MTPHeads(nn.Module):
-    """Heads 1..n_future-1 of one ``head_type`` (see DESIGN.md's table)."""
-
-    def __init__(self, cfg: MTPConfig):
+    def __init__(self, cfg: MTPConfig, shared: SharedModules):
         super().__init__()
-        self.head_type, self.n_extra = cfg.head_type, cfg.n_future - 1
-        self.share_embeddings = cfg.share_embeddings
-        d, n = cfg.d_model, self.n_extra
-        if n == 0:
-            pass  # n_future == 1: a plain LM, no head parameters at all
-        elif cfg.head_type == "residual":
-            self.mlps = nn.ModuleList(ResidualMLP(d, cfg.head_activation) for _ in range(n))
-        elif cfg.head_type == "modulated":
-            self.step_embeddings = nn.Parameter(torch.zeros(n, d))
-            self.transform = ResidualMLP(d, cfg.head_activation)
-        elif cfg.head_type == "transformer":
-            self.blocks = nn.ModuleList(Block(d, cfg.n_head, cfg.n_kv_head, cfg.d_ff, cfg.norm_eps) for _ in range(n))
-            self.norms = nn.ModuleList(RMSNorm(d, cfg.norm_eps) for _ in range(n))
-        elif cfg.head_type == "sequential":
-            self.modules_ = nn.ModuleList(SequentialModule(cfg) for _ in range(n))
-        # `linear` needs nothing but its own unembeddings.
-        self.out = None if cfg.share_embeddings or n == 0 else nn.ModuleList(
-            nn.Linear(d, cfg.vocab_size, bias=False) for _ in range(n))
+        self.cfg, self.shared, self.n_extra = cfg, shared, cfg.n_future - 1
+        if self.n_extra:  # n_future == 1: a plain LM, no head parameters at all
+            self._build(cfg)
+        # Registered after the type's own modules: init order (hence random draws) follows registration.
+        self.out = None if cfg.share_embeddings or not self.n_extra else nn.ModuleList(
+            nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) for _ in range(self.n_extra))
         self.reset_parameters(cfg.init_std)
 
-    @property
-    def attends(self) -> bool:
-        return self.head_type in ("transformer", "sequential")
+    def _build(self, cfg: MTPConfig) -> None:
+        """Create the head type's modules (`linear` needs none but its own unembeddings)."""
 
     def reset_parameters(self, std: float) -> None:
         for module in self.modules():
@@ -137,105 +123,206 @@ class MTPHeads(nn.Module):
         for module in self.modules():
             if isinstance(module, ResidualMLP):
                 nn.init.zeros_(module.down.weight)
-        if self.head_type == "modulated" and self.n_extra:
-            nn.init.normal_(self.step_embeddings, std=std)
 
-    def unembed(self, i: int, g: Tensor, lm_head: nn.Module) -> Tensor:
-        """Logits (..., V) of head i >= 1 from its hidden g (..., d)."""
-        return lm_head(g) if self.out is None else self.out[i - 1](g)
-
-    def head_hidden(self, i: int, hn: Tensor) -> Tensor:
-        """g_i from the trunk's final-norm hidden, for the position-wise head types."""
-        if self.head_type == "linear":
-            return hn
-        if self.head_type == "residual":
-            return self.mlps[i - 1](hn)
-        if self.head_type == "modulated":
-            return self.transform(hn + self.step_embeddings[i - 1])
-        raise AssertionError(f"{self.head_type} heads are not position-wise")
+    def unembed(self, i: int, g: Tensor, drafting: bool = False) -> Tensor:
+        """Logits (..., V) of head i >= 1 from its hidden g (..., d); ``drafting`` uses the
+        owner's draft unembedding where it set one."""
+        if self.out is not None:
+            return self.out[i - 1](g)
+        draft = self.shared.draft_lm_head
+        return (draft if drafting and draft is not None else self.shared.lm_head)(g)
 
     # ----------------------------------------------------------------- training
-    def hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor, embed: nn.Module,
-                rope: RotaryEmbedding) -> list[Tensor]:
+    def hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor) -> list[Tensor]:
         """Teacher-forced g_1..g_{n-1}, each (B, T, d).
 
         hn: (B, T, d) trunk final-norm hidden (lm_head input); z: (B, T, d) input of the
         trunk's last block (``transformer`` heads branch off there); tokens: (B, T).
         """
-        if self.n_extra == 0:
-            return []
-        if self.head_type in ("linear", "residual", "modulated"):
-            return [self.head_hidden(i, hn) for i in range(1, self.n_extra + 1)]
-        ctx = causal_context(tokens.shape[0], tokens.shape[1], rope, tokens.device)
-        if self.head_type == "transformer":
-            return [norm(block(z, ctx)) for block, norm in zip(self.blocks, self.norms)]
-        out, h = [], hn
-        for k, module in enumerate(self.modules_, start=1):
-            # Depth k at position t reads token t+k; past the end any id works (targets ignored).
-            h = module(embed(shift_tokens(tokens, k, 0)), h, ctx)
-            out.append(module.out_norm(h))
-        return out
+        return self._hiddens(hn, z, tokens) if self.n_extra else []
+
+    def _hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor) -> list[Tensor]:
+        raise NotImplementedError
 
     # ----------------------------------------------------------------- decoding
-    def new_decode_state(self, batch_size: int, capacity: int, cfg: MTPConfig, dtype, device) -> HeadsDecodeState:
-        state = HeadsDecodeState()
-        if self.head_type == "transformer" and self.n_extra:
-            state.caches = [KVCache(self.n_extra, batch_size, cfg.n_kv_head, cfg.head_dim, capacity, dtype, device)]
-        elif self.head_type == "sequential" and self.n_extra:
-            state.caches = [KVCache(1, batch_size, cfg.n_kv_head, cfg.head_dim, capacity, dtype, device)
-                            for _ in range(self.n_extra)]
-            state.chain = torch.zeros(max(self.n_extra - 1, 0), batch_size, capacity, cfg.d_model,
-                                      dtype=dtype, device=device)
-        return state
+    def new_decode_state(self, seq: CommittedSequence) -> HeadsDecodeState:
+        """Empty head state for decoding next to ``seq`` (its batch, capacity, dtype, device)."""
+        return HeadsDecodeState(seq)
 
-    def on_verify(self, state: HeadsDecodeState, z: Tensor | None, ctx: PassContext) -> None:
-        """Run attention heads that read every position (``transformer``) over the block."""
-        if self.head_type != "transformer" or not self.n_extra:
-            return
-        cache = state.caches[0]
-        state.pending = torch.stack([norm(block(z, ctx, cache, i))
-                                     for i, (block, norm) in enumerate(zip(self.blocks, self.norms))], dim=2)
+    def _kv_cache(self, n_layers: int, seq: CommittedSequence) -> KVCache:
+        batch, capacity = seq.tokens.shape
+        return KVCache(n_layers, batch, self.cfg.n_kv_head, self.cfg.head_dim, capacity,
+                       seq.hidden.dtype, seq.hidden.device)
+
+    def on_verify(self, state: HeadsDecodeState, tokens: Tensor, hidden: Tensor,
+                  z: Tensor | None = None, ctx: PassContext | None = None) -> None:
+        """The owner ran a verify pass: tokens (B, W), final-norm hidden (B, W, d); z and ctx
+        (the last block's input and the pass geometry) feed heads that read every position."""
+        state.seq.stage(tokens, hidden)
 
     def on_accept(self, state: HeadsDecodeState, keep: Tensor | None, counts: Tensor) -> None:
-        if self.head_type != "transformer" or not self.n_extra:
+        """Commit the same block positions the owner's cache commits (see the protocol's accept)."""
+        state.seq.commit(keep, counts)
+
+    def crop(self, state: HeadsDecodeState, lengths: Tensor) -> None:
+        """Shorten the committed sequence (and head caches) to ``lengths`` (B,)."""
+        state.seq.lengths = lengths.to(state.seq.lengths).clone()
+
+    def draft(self, state: HeadsDecodeState, next_tokens: Tensor, num_draft: int,
+              pick: DraftPicker) -> tuple[Tensor, Tensor]:
+        """Drafts (B, k) and raw logits (B, k, V) of heads 1..k at each row's last committed
+        position; next_tokens (B,) is the pending token after it."""
+        raise NotImplementedError
+
+    def _pick_each(self, hidden_of: Callable[[int], Tensor], num_draft: int,
+                   pick: DraftPicker) -> tuple[Tensor, Tensor]:
+        """Drafts and logits of heads 1..k whose hiddens do not depend on earlier drafts."""
+        tokens, all_logits = [], []
+        for i in range(1, num_draft + 1):
+            logits = self.unembed(i, hidden_of(i), drafting=True).float()  # (B, V)
+            all_logits.append(logits)
+            tokens.append(pick(logits, i - 1))
+        return torch.stack(tokens, dim=1), torch.stack(all_logits, dim=1)
+
+
+class PositionwiseHeads(Heads):
+    """Heads whose g_i at position t reads only the trunk's final-norm hidden at t."""
+
+    def head_hidden(self, i: int, hn: Tensor) -> Tensor:
+        """g_i (..., d) from the trunk's final-norm hidden hn (..., d)."""
+        raise NotImplementedError
+
+    def _hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor) -> list[Tensor]:
+        return [self.head_hidden(i, hn) for i in range(1, self.n_extra + 1)]
+
+    def draft(self, state: HeadsDecodeState, next_tokens: Tensor, num_draft: int,
+              pick: DraftPicker) -> tuple[Tensor, Tensor]:
+        hn_last = state.seq.last_hidden()  # (B, d)
+        return self._pick_each(lambda i: self.head_hidden(i, hn_last), num_draft, pick)
+
+
+class LinearHeads(PositionwiseHeads):
+    """Independent unembeddings Linear(d, V) on the trunk's hidden (Gloeckle et al. style)."""
+
+    head_type = "linear"
+
+    def head_hidden(self, i: int, hn: Tensor) -> Tensor:
+        return hn
+
+
+class ResidualHeads(PositionwiseHeads):
+    """One zero-init residual MLP per head on the trunk's hidden, shared unembedding (Medusa style)."""
+
+    head_type = "residual"
+
+    def _build(self, cfg: MTPConfig) -> None:
+        self.mlps = nn.ModuleList(ResidualMLP(cfg.d_model, cfg.head_activation) for _ in range(self.n_extra))
+
+    def head_hidden(self, i: int, hn: Tensor) -> Tensor:
+        return self.mlps[i - 1](hn)
+
+
+class ModulatedHeads(PositionwiseHeads):
+    """One shared residual MLP, told which head it is by a learned step embedding."""
+
+    head_type = "modulated"
+
+    def _build(self, cfg: MTPConfig) -> None:
+        self.step_embeddings = nn.Parameter(torch.zeros(self.n_extra, cfg.d_model))
+        self.transform = ResidualMLP(cfg.d_model, cfg.head_activation)
+
+    def reset_parameters(self, std: float) -> None:
+        super().reset_parameters(std)
+        if self.n_extra:
+            nn.init.normal_(self.step_embeddings, std=std)
+
+    def head_hidden(self, i: int, hn: Tensor) -> Tensor:
+        return self.transform(hn + self.step_embeddings[i - 1])
+
+
+class TransformerHeads(Heads):
+    """Parallel transformer blocks, each a sibling of the trunk's last block (reads its input z)."""
+
+    head_type = "transformer"
+
+    def _build(self, cfg: MTPConfig) -> None:
+        d, n = cfg.d_model, self.n_extra
+        self.blocks = nn.ModuleList(Block(d, cfg.n_head, cfg.n_kv_head, cfg.d_ff, cfg.norm_eps) for _ in range(n))
+        self.norms = nn.ModuleList(RMSNorm(d, cfg.norm_eps) for _ in range(n))
+
+    def _hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor) -> list[Tensor]:
+        ctx = causal_context(tokens.shape[0], tokens.shape[1], self.shared.rope, tokens.device)
+        return [norm(block(z, ctx)) for block, norm in zip(self.blocks, self.norms)]
+
+    def new_decode_state(self, seq: CommittedSequence) -> TransformerDecodeState:
+        return TransformerDecodeState(seq, self._kv_cache(self.n_extra, seq) if self.n_extra else None)
+
+    def on_verify(self, state: TransformerDecodeState, tokens: Tensor, hidden: Tensor,
+                  z: Tensor | None = None, ctx: PassContext | None = None) -> None:
+        """Run every head block over the block (they read every position, like the trunk)."""
+        super().on_verify(state, tokens, hidden, z, ctx)
+        if self.n_extra:
+            state.pending = torch.stack([norm(block(z, ctx, state.cache, i))
+                                         for i, (block, norm) in enumerate(zip(self.blocks, self.norms))], dim=2)
+
+    def on_accept(self, state: TransformerDecodeState, keep: Tensor | None, counts: Tensor) -> None:
+        super().on_accept(state, keep, counts)
+        if not self.n_extra:
             return
-        state.caches[0].commit(keep, counts)
+        state.cache.commit(keep, counts)
         rows = torch.arange(counts.shape[0], device=counts.device)
         last = counts - 1 if keep is None else keep[rows, counts - 1]
         state.last = state.pending[rows, last]  # (B, n-1, d)
         state.pending = None
 
-    def crop(self, state: HeadsDecodeState, lengths: Tensor) -> None:
-        """Shorten head caches after the trunk was cropped to ``lengths`` (B,)."""
-        if self.head_type == "transformer" and self.n_extra:
-            state.caches[0].crop(lengths)
+    def crop(self, state: TransformerDecodeState, lengths: Tensor) -> None:
+        super().crop(state, lengths)
+        if self.n_extra:
+            state.cache.crop(state.seq.lengths)
             state.last = None  # only valid right after an accept
-        elif self.head_type == "sequential":
-            # Depth j's entry at s read token s+j: keep it only if that token is still committed.
-            for j, cache in enumerate(state.caches, start=1):
-                cache.crop(torch.minimum(cache.lengths, (lengths - j).clamp(min=0)))
 
-    def draft(self, state: HeadsDecodeState, seq: CommittedSequence, next_tokens: Tensor, num_draft: int,
-              pick: DraftPicker, lm_head: nn.Module, embed: nn.Module, rope: RotaryEmbedding) -> tuple[Tensor, Tensor]:
-        """Drafts (B, k) and raw logits (B, k, V) of heads 1..k at each row's last committed position."""
-        if self.head_type == "sequential":
-            logits = self._draft_chain(state, seq, next_tokens, num_draft, pick, lm_head, embed, rope)
-            return torch.stack(logits[1], dim=1), torch.stack(logits[0], dim=1)
-        tokens, all_logits = [], []
-        hn_last = seq.last_hidden() if self.head_type != "transformer" else None
-        for i in range(1, num_draft + 1):
-            g = state.last[:, i - 1] if self.head_type == "transformer" else self.head_hidden(i, hn_last)
-            logits = self.unembed(i, g, lm_head).float()  # (B, V)
-            all_logits.append(logits)
-            tokens.append(pick(logits, i - 1))
-        return torch.stack(tokens, dim=1), torch.stack(all_logits, dim=1)
+    def draft(self, state: TransformerDecodeState, next_tokens: Tensor, num_draft: int,
+              pick: DraftPicker) -> tuple[Tensor, Tensor]:
+        return self._pick_each(lambda i: state.last[:, i - 1], num_draft, pick)
 
-    def _draft_chain(self, state, seq, next_tokens, num_draft, pick, lm_head, embed, rope):
+
+class SequentialHeads(Heads):
+    """A chain of modules (DeepSeek-V3 MTP): depth k reads depth k-1's state and token t+k."""
+
+    head_type = "sequential"
+
+    def _build(self, cfg: MTPConfig) -> None:
+        self.modules_ = nn.ModuleList(SequentialModule(cfg) for _ in range(self.n_extra))
+
+    def _hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor) -> list[Tensor]:
+        ctx = causal_context(tokens.shape[0], tokens.shape[1], self.shared.rope, tokens.device)
+        out, h = [], hn
+        for k, module in enumerate(self.modules_, start=1):
+            # Depth k at position t reads token t+k; past the end any id works (targets ignored).
+            h = module(self.shared.embed(shift_tokens(tokens, k, 0)), h, ctx)
+            out.append(module.out_norm(h))
+        return out
+
+    def new_decode_state(self, seq: CommittedSequence) -> SequentialDecodeState:
+        batch, capacity, d = seq.hidden.shape
+        chain = torch.zeros(max(self.n_extra - 1, 0), batch, capacity, d, dtype=seq.hidden.dtype,
+                            device=seq.hidden.device)
+        return SequentialDecodeState(seq, [self._kv_cache(1, seq) for _ in range(self.n_extra)], chain)
+
+    def crop(self, state: SequentialDecodeState, lengths: Tensor) -> None:
+        super().crop(state, lengths)
+        # Depth j's entry at s read token s+j: keep it only if that token is still committed.
+        for j, cache in enumerate(state.caches, start=1):
+            cache.crop(torch.minimum(cache.lengths, (state.seq.lengths - j).clamp(min=0)))
+
+    def draft(self, state: SequentialDecodeState, next_tokens: Tensor, num_draft: int,
+              pick: DraftPicker) -> tuple[Tensor, Tensor]:
         """Run depths 1..k as a chain. Depth j's cache lags the trunk by j positions: its entry
         at position s reads token s+j, final once s+j <= L (L = committed length; token L is
         next_tokens). Each call first catches up the positions that became final, then
         computes position L-1 on drafted tokens; only final entries stay committed.
         """
+        seq, rope, embed = state.seq, self.shared.rope, self.shared.embed
         batch = seq.lengths.shape[0]
         rows = torch.arange(batch, device=seq.lengths.device)
         length = seq.lengths  # (B,)
@@ -259,10 +346,20 @@ class MTPHeads(nn.Module):
                 r = rows[:, None].expand_as(pos)
                 state.chain[j - 1][r[valid], pos[valid]] = h[valid].to(state.chain.dtype)
             last = h[rows, length - 1 - start]  # (B, d) at position L-1
-            logits = self.unembed(j, module.out_norm(last), lm_head).float()
+            logits = self.unembed(j, module.out_norm(last), drafting=True).float()
             token = pick(logits, j - 1)
             ext[rows, length + j] = token
             drafts.append(token)
             logits_out.append(logits)
             cache.lengths = torch.maximum(start, (length - j + 1).clamp(min=0))  # keep final entries
-        return logits_out, drafts
+        return torch.stack(drafts, dim=1), torch.stack(logits_out, dim=1)
+
+
+HEAD_CLASSES: dict[str, type[Heads]] = {cls.head_type: cls for cls in (
+    LinearHeads, ResidualHeads, ModulatedHeads, TransformerHeads, SequentialHeads)}
+assert tuple(HEAD_CLASSES) == HEAD_TYPES, "every head type in config.HEAD_TYPES needs a class here"
+
+
+def build_heads(cfg: MTPConfig, shared: SharedModules) -> Heads:
+    """The heads of ``cfg.head_type`` for ``cfg.n_future``, borrowing ``shared`` from their owner."""
+    return HEAD_CLASSES[cfg.head_type](cfg, shared)

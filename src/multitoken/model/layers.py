@@ -2,7 +2,8 @@
 
 RMSNorm, rotary position embedding (Llama's rotate-half layout, so Llama checkpoints
 load unchanged), grouped-query attention through ``scaled_dot_product_attention``,
-SwiGLU MLP, a pre-norm block, and a static KV cache with per-row lengths.
+SwiGLU MLP, a pre-norm block, a static KV cache with per-row lengths, and the committed
+tokens and hidden states the heads read while decoding.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from multitoken.errors import MultitokenError
 
 
 class RMSNorm(nn.Module):
@@ -38,7 +41,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions (B, T) long -> cos, sin (B, 1, T, Dh), broadcast over heads."""
         if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
-            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len={self.cos.shape[0]}")
+            raise MultitokenError(f"position {int(positions.max())} exceeds max_seq_len={self.cos.shape[0]}")
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
@@ -99,13 +102,18 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.capacity = capacity
 
+    def slots_read(self, width: int) -> int:
+        """S, the cache slots a pass appending ``width`` tokens reads; refuses one that does not fit."""
+        kv_len = int(self.lengths.max()) + width
+        if kv_len > self.capacity:
+            raise MultitokenError(f"KV cache full: need {kv_len} slots, capacity is {self.capacity}")
+        return kv_len
+
     def context_for(self, width: int, rope: RotaryEmbedding, tree_mask: Tensor | None = None,
                     depths: Tensor | None = None) -> PassContext:
         """Geometry of a pass that appends ``width`` tokens after each row's committed prefix."""
         device = self.lengths.device
-        kv_len = int(self.lengths.max()) + width
-        if kv_len > self.capacity:
-            raise ValueError(f"KV cache full: need {kv_len} slots, capacity is {self.capacity}")
+        kv_len = self.slots_read(width)
         offsets = torch.arange(width, device=device)
         if depths is None:
             depths = offsets
@@ -149,6 +157,42 @@ class KVCache:
         if bool((new > self.lengths).any()) or bool((new < 0).any()):
             raise ValueError("crop can only shorten the cache")
         self.lengths = new.clone()
+
+
+class CommittedSequence:
+    """Per-row committed tokens and trunk hidden states (head inputs), plus the pending block.
+
+    tokens (B, S) long, hidden (B, S, d): position s of row b is valid for s < lengths[b].
+    """
+
+    def __init__(self, batch_size: int, capacity: int, d_model: int, dtype, device):
+        self.tokens = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+        self.hidden = torch.zeros(batch_size, capacity, d_model, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._pending: tuple[Tensor, Tensor] | None = None
+
+    def stage(self, tokens: Tensor, hidden: Tensor) -> None:
+        """Remember the block of the last verify pass: tokens (B, W), hidden (B, W, d)."""
+        self._pending = (tokens, hidden)
+
+    def commit(self, keep: Tensor | None, counts: Tensor) -> None:
+        """Append block offsets keep[b, :counts[b]] (None = a prefix) to each row."""
+        tokens, hidden = self._pending
+        batch, width = tokens.shape
+        if keep is None:
+            keep = torch.arange(width, device=tokens.device).expand(batch, width)
+        valid = torch.arange(keep.shape[1], device=keep.device)[None, :] < counts[:, None]  # (B, M)
+        rows = torch.arange(batch, device=keep.device)[:, None].expand_as(keep)
+        dst = self.lengths[:, None] + torch.arange(keep.shape[1], device=keep.device)
+        self.tokens[rows[valid], dst[valid]] = tokens.gather(1, keep)[valid]
+        self.hidden[rows[valid], dst[valid]] = hidden[rows[valid], keep[valid]].to(self.hidden.dtype)
+        self.lengths = self.lengths + counts
+        self._pending = None
+
+    def last_hidden(self) -> Tensor:
+        """(B, d) hidden state at each row's last committed position."""
+        rows = torch.arange(self.lengths.shape[0], device=self.lengths.device)
+        return self.hidden[rows, self.lengths - 1]
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:

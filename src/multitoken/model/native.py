@@ -1,8 +1,8 @@
 """The native MTP model: a GPT-style trunk (RoPE, RMSNorm, SwiGLU, GQA) plus MTP heads.
 
-Architecture only. Training lives in ``loss``/``train``; decoding algorithms live in
-``generate``/``tree`` and reach this model only through the protocol methods
-``new_state`` / ``verify`` / ``accept`` / ``draft`` (see ``protocol.py``).
+Architecture only. Training lives in :mod:`multitoken.training`; decoding algorithms live in
+:mod:`multitoken.decoding` and reach this model only through the protocol methods
+``new_state`` / ``verify`` / ``accept`` / ``crop`` / ``draft`` (see :mod:`multitoken.model.protocol`).
 """
 from __future__ import annotations
 
@@ -12,17 +12,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from multitoken.errors import MultitokenError
 from multitoken.model.config import MTPConfig
-from multitoken.model.heads import CommittedSequence, HeadsDecodeState, MTPHeads
-from multitoken.model.layers import Block, KVCache, PassContext, RMSNorm, RotaryEmbedding, causal_context
+from multitoken.model.heads import HeadsDecodeState, SharedModules, build_heads
+from multitoken.model.layers import (
+    Block, CommittedSequence, KVCache, PassContext, RMSNorm, RotaryEmbedding, causal_context,
+)
 from multitoken.model.protocol import ConfigDecoderAttributes, DraftPicker
 
 
 @dataclass
 class NativeDecodeState:
     cache: KVCache  # trunk keys/values
-    seq: CommittedSequence  # committed tokens and final-norm hidden states
-    heads: HeadsDecodeState  # head caches (attention heads)
+    heads: HeadsDecodeState  # committed tokens and hidden states, plus the head type's own caches
 
     @property
     def lengths(self) -> Tensor:
@@ -42,7 +44,7 @@ def check_token_ids(tokens: Tensor, vocab_size: int) -> None:
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= vocab_size:
         bad = hi if hi >= vocab_size else lo
-        raise ValueError(f"token id {bad} is out of range for vocab_size={vocab_size}")
+        raise MultitokenError(f"token id {bad} is out of range for vocab_size={vocab_size}")
 
 
 class MTPModel(ConfigDecoderAttributes, nn.Module):
@@ -64,7 +66,8 @@ class MTPModel(ConfigDecoderAttributes, nn.Module):
         self._init_trunk()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.heads = MTPHeads(cfg)  # initialises itself (zero-init residual branches)
+        # Built last: it initialises itself (zero-init residual branches) after the trunk's draws.
+        self.heads = build_heads(cfg, SharedModules(self.lm_head, self.embed, self.rope))
 
     def _init_trunk(self) -> None:
         std = self.cfg.init_std
@@ -96,15 +99,15 @@ class MTPModel(ConfigDecoderAttributes, nn.Module):
     def head_hiddens(self, tokens: Tensor) -> list[Tensor]:
         """Teacher-forced pre-unembedding hidden states g_0..g_{n-1}, each (B, T, d)."""
         if tokens.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
+            raise MultitokenError(f"sequence length {tokens.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
         ctx = causal_context(tokens.shape[0], tokens.shape[1], self.rope, tokens.device)
         h, z = self.trunk(tokens, ctx)
         hn = self.norm(h)
-        return [hn] + self.heads.hiddens(hn, z, tokens, self.embed, self.rope)
+        return [hn] + self.heads.hiddens(hn, z, tokens)
 
     def head_logits(self, i: int, g: Tensor) -> Tensor:
         """Logits (..., V) of head i from its hidden g (..., d)."""
-        return self.lm_head(g) if i == 0 else self.heads.unembed(i, g, self.lm_head)
+        return self.lm_head(g) if i == 0 else self.heads.unembed(i, g)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens (B, T) -> logits (B, T, n_future, V)."""
@@ -116,8 +119,7 @@ class MTPModel(ConfigDecoderAttributes, nn.Module):
         cfg = self.cfg
         return NativeDecodeState(
             cache=KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, capacity, p.dtype, p.device),
-            seq=CommittedSequence(batch_size, capacity, cfg.d_model, p.dtype, p.device),
-            heads=self.heads.new_decode_state(batch_size, capacity, cfg, p.dtype, p.device),
+            heads=self.heads.new_decode_state(CommittedSequence(batch_size, capacity, cfg.d_model, p.dtype, p.device)),
         )
 
     @torch.no_grad()
@@ -126,25 +128,21 @@ class MTPModel(ConfigDecoderAttributes, nn.Module):
         ctx = state.cache.context_for(tokens.shape[1], self.rope, tree_mask, depths)
         h, z = self.trunk(tokens, ctx, state.cache)
         hn = self.norm(h)  # (B, W, d)
-        state.seq.stage(tokens, hn)
-        self.heads.on_verify(state.heads, z, ctx)
+        self.heads.on_verify(state.heads, tokens, hn, z, ctx)
         return self.lm_head(hn).float()  # (B, W, V)
 
     @torch.no_grad()
     def accept(self, state: NativeDecodeState, keep: Tensor | None, counts: Tensor) -> None:
         state.cache.commit(keep, counts)
-        state.seq.commit(keep, counts)
         self.heads.on_accept(state.heads, keep, counts)
 
     @torch.no_grad()
     def crop(self, state: NativeDecodeState, lengths: Tensor) -> None:
         state.cache.crop(lengths)
-        state.seq.lengths = state.cache.lengths.clone()
         self.heads.crop(state.heads, state.cache.lengths)
 
     @torch.no_grad()
     def draft(self, state: NativeDecodeState, next_tokens: Tensor, num_draft: int,
               pick: DraftPicker) -> tuple[Tensor, Tensor]:
         self.check_num_draft(num_draft)
-        return self.heads.draft(state.heads, state.seq, next_tokens, num_draft, pick,
-                                self.lm_head, self.embed, self.rope)
+        return self.heads.draft(state.heads, next_tokens, num_draft, pick)

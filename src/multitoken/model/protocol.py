@@ -1,7 +1,8 @@
 """The one model protocol that every decoder, the tree verifier and the benchmarks use.
 
-Both the native :class:`multitoken.model.native.native.MTPModel` and the Hugging Face wrapper
-(:class:`multitoken.hf.loading.MTPHeadsForCausalLM`) implement it, so each decoding
+Both the native :class:`multitoken.model.native.MTPModel` and the Hugging Face wrapper
+(:class:`multitoken.hf.wrapper.MTPHeadsForCausalLM`, exported as ``multitoken.hf.MTPHeadsForCausalLM``)
+implement it, so each decoding
 algorithm exists once.
 
 Cache convention. A decode state holds, per batch row ``b``, the key/value entries of
@@ -17,6 +18,8 @@ from __future__ import annotations
 from typing import Callable, Protocol, runtime_checkable
 
 from torch import Tensor
+
+from multitoken.errors import MultitokenError
 
 # pick(logits (B, V), j) -> tokens (B,): chooses draft token j from head j+1's logits.
 # Chained heads (``sequential``) condition later drafts on earlier picks.
@@ -93,4 +96,4 @@ class ConfigDecoderAttributes:
     def check_num_draft(self, num_draft: int) -> None:
         """``draft`` can run heads 1..n_future-1 only."""
         if not 0 <= num_draft <= self.cfg.n_future - 1:
-            raise ValueError(f"num_draft={num_draft} but the model has {self.cfg.n_future - 1} draft heads")
+            raise MultitokenError(f"num_draft={num_draft} but the model has {self.cfg.n_future - 1} draft heads")

@@ -16,8 +16,8 @@ Each rename is atomic, so a process killed at any moment leaves ``checkpoint/`` 
 two renames) ``checkpoint.old/`` complete; :func:`find_checkpoint` looks at both, in that order.
 A directory named ``checkpoint.tmp`` is never trusted.
 
-Everything here raises :class:`CheckpointError` (a ValueError) or
-:class:`CheckpointNotFoundError` (a FileNotFoundError) with a one-line message.
+Everything here raises :class:`CheckpointError` or :class:`CheckpointNotFoundError` (also a
+FileNotFoundError), both :class:`~multitoken.errors.MultitokenError`, with a one-line message.
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ from torch import nn
 
 from multitoken.model.config import MTPConfig
 from multitoken.model.native import MTPModel
-from multitoken.data.tokenizer import Tokenizer, load_tokenizer
+from multitoken.data import Tokenizer, load_tokenizer
+from multitoken.errors import MultitokenError, first_line
+from multitoken.io import read_json, write_json
 
 CHECKPOINT = "checkpoint"  # name of the current checkpoint inside a run directory
 WEIGHTS = "model.safetensors"
@@ -46,12 +48,12 @@ _TIED_KEY = "multitoken.tied"  # safetensors metadata: JSON {alias: saved name}
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MultitokenError):
     """A checkpoint exists but cannot be used (corrupt, incomplete, or does not match)."""
 
 
-class CheckpointNotFoundError(FileNotFoundError):
-    """No checkpoint where one was expected."""
+class CheckpointNotFoundError(MultitokenError, FileNotFoundError):
+    """No checkpoint where one was expected (also a FileNotFoundError)."""
 
 
 # --------------------------------------------------------------------------- weights
@@ -95,7 +97,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         tied = json.loads(meta.get(_TIED_KEY, "{}"))
     except Exception as e:  # safetensors raises its own error types (and OSError) on bad files
-        raise CheckpointError(f"corrupt weights file {path}: {_one_line(e)}") from None
+        raise CheckpointError(f"corrupt weights file {path}: {first_line(e)}") from None
     for alias, name in tied.items():
         if name in tensors:
             tensors[alias] = tensors[name]
@@ -187,9 +189,9 @@ def save_checkpoint(run_dir: str | os.PathLike, model: MTPModel, tokenizer: Toke
         model.cfg.save(tmp / MODEL_CONFIG)
         tokenizer.save(tmp)
         if train_config is not None:
-            (tmp / TRAIN_CONFIG).write_text(json.dumps(train_config, indent=2) + "\n")
+            write_json(tmp / TRAIN_CONFIG, train_config)
         if eval_metrics is not None:
-            (tmp / EVAL).write_text(json.dumps(eval_metrics, indent=2) + "\n")
+            write_json(tmp / EVAL, eval_metrics)
         if trainer_state is not None:
             torch.save({"version": FORMAT_VERSION, **trainer_state}, tmp / TRAINER_STATE)
         _fsync_tree(tmp)
@@ -201,11 +203,6 @@ def save_checkpoint(run_dir: str | os.PathLike, model: MTPModel, tokenizer: Toke
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def check_vocab(cfg: MTPConfig, tokenizer: Tokenizer, where: str) -> None:
@@ -220,16 +217,16 @@ def load_model_config(ckpt: Path) -> MTPConfig:
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{MODEL_CONFIG} missing in {ckpt}") from None
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"bad {MODEL_CONFIG} in {ckpt}: {_one_line(e)}") from None
+        raise CheckpointError(f"bad {MODEL_CONFIG} in {ckpt}: {first_line(e)}") from None
 
 
 def load_checkpoint_tokenizer(ckpt: Path) -> Tokenizer:
     try:
         return load_tokenizer(ckpt)
     except FileNotFoundError as e:
-        raise CheckpointNotFoundError(f"tokenizer missing in checkpoint {ckpt}: {_one_line(e)}") from None
+        raise CheckpointNotFoundError(f"tokenizer missing in checkpoint {ckpt}: {first_line(e)}") from None
     except (ValueError, ImportError) as e:
-        raise CheckpointError(f"bad tokenizer in checkpoint {ckpt}: {_one_line(e)}") from None
+        raise CheckpointError(f"bad tokenizer in checkpoint {ckpt}: {first_line(e)}") from None
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -250,23 +247,23 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
 def read_train_config(ckpt: Path) -> dict:
     """The ``train_config.json`` dict of a training checkpoint."""
     f = Path(ckpt) / TRAIN_CONFIG
-    try:
-        data = json.loads(f.read_text())
-    except FileNotFoundError:
+    if not f.is_file():
         raise CheckpointNotFoundError(f"{TRAIN_CONFIG} missing in {ckpt} (an inference-only checkpoint "
-                                      "cannot be resumed)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt {f}: {_one_line(e)}") from None
+                                      "cannot be resumed)")
+    try:
+        data = read_json(f, "train config")
+    except MultitokenError as e:
+        raise CheckpointError(f"corrupt {f}: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"corrupt {f}: expected a JSON object")
     return data
 
 
 def read_eval(ckpt: Path) -> dict | None:
-    f = Path(ckpt) / EVAL
+    """The checkpoint's ``eval.json`` metrics, or None when it has none (or an unreadable one)."""
     try:
-        return json.loads(f.read_text())
-    except (OSError, ValueError):
+        return read_json(Path(ckpt) / EVAL, "eval metrics")
+    except MultitokenError:
         return None
 
 
@@ -278,7 +275,7 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     try:
         state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"corrupt {f}: {_one_line(e)}") from None
+        raise CheckpointError(f"corrupt {f}: {first_line(e)}") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"corrupt {f}: not a trainer state")
     if state.get("version") != FORMAT_VERSION:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from multitoken.errors import MultitokenError, first_line
+from multitoken.io import read_json
 from multitoken.model.config import MTPConfig
 from multitoken.training.loss import WEIGHTINGS
 
@@ -80,7 +82,7 @@ class TrainConfig:
             _fail("model", self.model, "a mapping of MTPConfig fields")
         unknown = sorted(set(self.model) - set(_MODEL_FIELDS))
         if unknown:
-            raise ValueError(f"unknown config key 'model.{unknown[0]}'; allowed: "
+            raise MultitokenError(f"unknown config key 'model.{unknown[0]}'; allowed: "
                              f"{', '.join('model.' + f for f in _MODEL_FIELDS)}")
         _choice("weighting", self.weighting, WEIGHTINGS)
         _opt(self, "aux_weight", _number, 0.0)
@@ -155,7 +157,7 @@ class TrainConfig:
         """The MTPConfig for a tokenizer with ``vocab_size`` ids."""
         fields = dict(self.model)
         if fields.get("vocab_size", vocab_size) != vocab_size:
-            raise ValueError(f"invalid config: model.vocab_size={fields['vocab_size']} does not match the "
+            raise MultitokenError(f"invalid config: model.vocab_size={fields['vocab_size']} does not match the "
                              f"tokenizer's vocab_size {vocab_size}; leave model.vocab_size unset")
         fields["vocab_size"] = vocab_size
         fields.setdefault("max_seq_len", self.seq_len)
@@ -180,7 +182,7 @@ class TrainConfig:
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"invalid config: {name}={value!r}; allowed: {allowed}")
+    raise MultitokenError(f"invalid config: {name}={value!r}; allowed: {allowed}")
 
 
 def _is_number(v: Any) -> bool:
@@ -259,22 +261,23 @@ def load_config_file(path: str | os.PathLike) -> dict:
     import yaml
 
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read config file {p}: {e}") from None
-    try:
-        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"config file {p} is not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: "
-                         f"{first}") from None
+    if not p.exists():
+        raise FileNotFoundError(f"config file not found: {p}")
+    if p.suffix.lower() == ".json":  # JSON through the one JSON reader; YAML below
+        data = read_json(p, "config file")
+    else:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MultitokenError(f"cannot read config file {p}: {e}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise MultitokenError(f"config file {p} is not valid YAML: {first_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {p}: expected a mapping of config keys, got {type(data).__name__}")
+        raise MultitokenError(f"config file {p}: expected a mapping of config keys, got {type(data).__name__}")
     return data
 
 
@@ -287,14 +290,14 @@ def parse_set(items: Iterable[str]) -> dict:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise MultitokenError(f"--set expects key=value, got {item!r}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         parts = key.split(".")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "model"):
-            raise ValueError(f"unknown config key {key!r} in --set (only model.<field> may be dotted)")
+            raise MultitokenError(f"unknown config key {key!r} in --set (only model.<field> may be dotted)")
         if len(parts) == 2:
             out.setdefault("model", {})[parts[1]] = value
         else:
@@ -316,18 +319,18 @@ def merge_config(*layers: dict | None) -> dict:
 
 def preset(name: str) -> dict:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+        raise MultitokenError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
     return json.loads(json.dumps(PRESETS[name]))  # a deep copy
 
 
 def _check_top_keys(layer: dict, source: str) -> None:
     """A mapping whose keys are all TrainConfig fields; errors name the file (or flag) it came from."""
     if not isinstance(layer, dict):
-        raise ValueError(f"{source}: expected a mapping of config keys, got {type(layer).__name__}")
+        raise MultitokenError(f"{source}: expected a mapping of config keys, got {type(layer).__name__}")
     known = [f.name for f in dataclasses.fields(TrainConfig)]
     for key in layer:
         if key not in known:
-            raise ValueError(f"unknown config key {key!r} in {source}; allowed: {', '.join(known)}")
+            raise MultitokenError(f"unknown config key {key!r} in {source}; allowed: {', '.join(known)}")
 
 
 def _check_keys(layer: dict, source: str) -> None:
@@ -336,7 +339,7 @@ def _check_keys(layer: dict, source: str) -> None:
     if isinstance(layer.get("model"), dict):
         for key in layer["model"]:
             if key not in _MODEL_FIELDS:
-                raise ValueError(f"unknown config key 'model.{key}' in {source}; allowed: "
+                raise MultitokenError(f"unknown config key 'model.{key}' in {source}; allowed: "
                                  f"{', '.join('model.' + f for f in _MODEL_FIELDS)}")
 
 

@@ -11,10 +11,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from multitoken.errors import MultitokenError
 from multitoken.model.targets import IGNORE_INDEX, shift_targets
 
 WEIGHTINGS = ("tutorial", "uniform", "deepseek")
 DEFAULT_AUX_WEIGHT = {"tutorial": 0.1, "uniform": 1.0, "deepseek": 0.3}
+
+
+def head_statistics(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor, Tensor]:
+    """One head's sums: logits (..., V), targets (...) -> (summed CE, valid count, correct top-1 count).
+
+    Targets equal to ``ignore_index`` are left out of all three."""
+    logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)  # (M, V), (M,)
+    ce_sum = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
+    valid = targets != ignore_index
+    correct = ((logits.argmax(-1) == targets) & valid).sum()
+    return ce_sum, valid.sum(), correct
+
+
+def head_means(ce_sums: Tensor, counts: Tensor, correct: Tensor,
+               totals: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-head means from per-head sums (n,): (head_losses, head_accuracy).
+
+    head_losses = CE sum / counted targets; head_accuracy = correct / ``totals`` (default the
+    same counts; head training counts targets outside its draft vocabulary as misses). A head
+    with nothing counted gets 0, never NaN."""
+    head_losses = ce_sums / counts.clamp(min=1)
+    totals = counts if totals is None else totals
+    return head_losses, correct.to(head_losses.dtype) / totals.clamp(min=1)
 
 
 class MTPLoss(nn.Module):
@@ -33,11 +57,11 @@ class MTPLoss(nn.Module):
                  head_weights: list[float] | None = None, ignore_index: int = IGNORE_INDEX):
         super().__init__()
         if n_future < 1:
-            raise ValueError(f"invalid loss: n_future={n_future}; allowed: an integer >= 1")
+            raise MultitokenError(f"invalid loss: n_future={n_future}; allowed: an integer >= 1")
         if weighting not in WEIGHTINGS:
-            raise ValueError(f"invalid loss: weighting={weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+            raise MultitokenError(f"invalid loss: weighting={weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
         if head_weights is not None and len(head_weights) != n_future:
-            raise ValueError(f"invalid loss: head_weights has {len(head_weights)} entries; allowed: n_future={n_future}")
+            raise MultitokenError(f"invalid loss: head_weights has {len(head_weights)} entries; allowed: n_future={n_future}")
         self.n_future, self.weighting, self.ignore_index = n_future, weighting, ignore_index
         self.aux_weight = DEFAULT_AUX_WEIGHT[weighting] if aux_weight is None else float(aux_weight)
         if head_weights is None:
@@ -56,15 +80,11 @@ class MTPLoss(nn.Module):
 
     def head_statistics(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """logits (..., V), targets (...) -> (summed CE, valid count, correct top-1 count)."""
-        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-        ce_sum = F.cross_entropy(logits.float(), targets, ignore_index=self.ignore_index, reduction="sum")
-        valid = targets != self.ignore_index
-        correct = ((logits.argmax(-1) == targets) & valid).sum()
-        return ce_sum, valid.sum(), correct
+        return head_statistics(logits, targets, self.ignore_index)
 
     def combine(self, ce_sums: Tensor, counts: Tensor, correct: Tensor) -> dict[str, Tensor]:
         """Per-head sums/counts (n,) -> the loss dict."""
-        head_losses = ce_sums / counts.clamp(min=1)
+        head_losses, head_accuracy = head_means(ce_sums, counts, correct)
         coeffs = torch.tensor(self.coefficients(), dtype=head_losses.dtype, device=head_losses.device)
         aux = self.aux_norm * (head_losses[1:] * torch.tensor(self.head_weights[1:], dtype=head_losses.dtype,
                                                               device=head_losses.device)).sum()
@@ -73,7 +93,7 @@ class MTPLoss(nn.Module):
             "primary": head_losses[0],
             "auxiliary": aux,
             "head_losses": head_losses,
-            "head_accuracy": correct.to(head_losses.dtype) / counts.clamp(min=1),
+            "head_accuracy": head_accuracy,
             "head_counts": counts,
         }
 

@@ -5,9 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import multitoken.decoding.generate as gen
-from multitoken.decoding.generate import generate
-from multitoken.decoding.sampling import Sampler
+import multitoken.decoding.chain as chain
+from multitoken.decoding import Sampler, generate
 from conftest import HEAD_TYPES, tiny_model, RankedStub
 
 # ----------------------------------------------------------------------------- exactness
@@ -157,7 +156,7 @@ def test_speculative_sampling_preserves_the_distribution(head_type, temperature,
     assert stats.acceptance_rates[0] > 0.1 and stats.accepted_histogram[0] > 0  # both branches exercised
     stat, crit = chi2_against(seqs, p, spec)
     assert stat < crit, f"speculative sampling changed the distribution: chi2={stat:.1f} >= {crit:.1f}"
-    monkeypatch.setattr(gen, "accept_chain", always_accept)
+    monkeypatch.setattr(chain, "accept_chain", always_accept)
     wrong, _ = run("spec")
     stat, crit = chi2_against(seqs, p, wrong)
     assert stat > crit, f"the test cannot tell a wrong acceptance rule: chi2={stat:.1f} < {crit:.1f}"

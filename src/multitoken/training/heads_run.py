@@ -1,0 +1,68 @@
+"""``multitoken heads train``: load the base, build (or reuse) its hidden cache, train the heads."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from multitoken.data import training_texts
+from multitoken.io import write_json
+from multitoken.training.heads import train_heads
+from multitoken.training.heads_config import HeadsTrainConfig, HeadsTrainError
+
+
+def _texts(model, tokenizer, data: Sequence[str] | None, generate_distill: int, progress: bool) -> Iterable[str]:
+    """The cache's text stream: the base's own answers (``generate_distill`` tokens) first, then ``data``."""
+    texts: Iterable[str] = training_texts(data)
+    if generate_distill:
+        from multitoken.hf.distill import distill_prompts, generate_distill_texts
+
+        texts = list(texts)
+        prompts = distill_prompts(tokenizer, texts[::7], max(8, generate_distill // 64))
+        texts = generate_distill_texts(model, tokenizer, prompts, generate_distill, progress=progress) + texts
+    return texts
+
+
+def run_heads_train(base: str, data: Sequence[str] | None, out_dir: str | os.PathLike, cfg: HeadsTrainConfig,
+                    cache_dir: str | os.PathLike | None = None, max_tokens: int = 65536, seq_len: int = 256,
+                    generate_distill: int = 0, dtype: str = "float32", threads: int | None = None,
+                    progress: bool = True, train_base_layers: int = 0, lora_rank: int = 0) -> dict[str, Any]:
+    """``multitoken heads train``: hidden cache (built or reused), then :func:`train_heads`.
+    With ``train_base_layers`` the cache holds the input of the first trained layer."""
+    from multitoken.hf import (
+        HiddenCache, MTPHeadsForCausalLM, build_hidden_cache, cache_layer, load_base, model_identity,
+    )
+
+    if threads:
+        torch.set_num_threads(threads)
+    if max_tokens < seq_len:
+        raise HeadsTrainError(f"--max-tokens {max_tokens} is less than one sequence of {seq_len} tokens")
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    model, tokenizer = load_base(base, dtype)
+    model.eval()
+    identity = model_identity(model, tokenizer)
+    load_s = time.perf_counter() - t0
+    cache_path = Path(cache_dir) if cache_dir else out / "hidden_cache"
+    t1 = time.perf_counter()
+    reused = (cache_path / "meta.json").is_file()
+    if reused:
+        cache = HiddenCache(cache_path)  # reuse, whatever texts built it, once it is this model's
+        cache.check_model(model, tokenizer)
+    else:
+        cache = build_hidden_cache(model, tokenizer, _texts(model, tokenizer, data, generate_distill, progress),
+                                   cache_path, seq_len=seq_len, max_tokens=max_tokens, progress=progress,
+                                   layer=cache_layer(model, train_base_layers))
+    cache_s = time.perf_counter() - t1
+    heads = MTPHeadsForCausalLM(model, cfg.n_future, cfg.head_type, d_ff=cfg.d_ff, identity=identity,
+                                train_base_layers=train_base_layers, lora_rank=lora_rank)
+    summary = train_heads(heads, cache, cfg, out, progress=progress,
+                          extra_meta={"cache": str(cache_path), "cache_tokens": int(cache.meta["count"]),
+                                      "cache_build_s": None if reused else cache_s, "base": base})
+    summary.update(load_s=load_s, cache_s=cache_s, cache_reused=reused, cache_tokens=int(cache.meta["count"]),
+                   out=str(out))
+    write_json(out / "train_summary.json", summary)
+    return summary

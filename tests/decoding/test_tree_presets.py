@@ -1,0 +1,46 @@
+"""Static trees: presets, parsing user input, Medusa's builder, expected accepted length, tree files."""
+import pytest
+
+from multitoken.decoding import (
+    TREE_PRESETS, build_tree, expected_accept_length, expected_chain_tau, parse_tree, save_tree, tree_preset,
+    validate_tree,
+)
+
+def test_presets_are_valid_trees_of_their_size():
+    for heads in (1, 2, 3, 4):
+        for name, size in TREE_PRESETS.items():
+            paths = tree_preset(name, heads)
+            validate_tree(paths, heads)
+            assert len(paths) == (heads if size is None else size)
+    assert tree_preset("small", 3) == [[0], [1], [2], [3], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+    with pytest.raises(ValueError, match="unknown tree preset"):
+        tree_preset("huge", 3)
+
+
+def test_parse_tree_forms(tmp_path):
+    assert parse_tree("small", 3) == tree_preset("small", 3)
+    assert parse_tree("[[0],[1],[0,0]]", 3) == [[0], [1], [0, 0]]
+    with pytest.raises(ValueError, match="not valid JSON"):
+        parse_tree("[[0],", 3)
+    with pytest.raises(ValueError, match="unknown tree"):
+        parse_tree("nope", 3)
+    save_tree([[1], [0], [0, 0]], tmp_path)
+    assert parse_tree(str(tmp_path), 3) == [[0], [1], [0, 0]]
+
+
+def test_build_tree_follows_expected_contribution():
+    acc = [[0.6, 0.2, 0.05], [0.5, 0.1, 0.0], [0.4, 0.0, 0.0]]
+    # contributions: [0]=.6 [0,0]=.3 [1]=.2 [0,0,0]=.12 [1,0]=.1 [0,1]=.06 [2]=.05 ...
+    assert build_tree(acc, 4) == [[0], [1], [0, 0], [0, 0, 0]]
+    assert build_tree(acc, 6) == [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+    assert expected_accept_length([[0], [1], [0, 0]], acc) == pytest.approx(1 + 0.6 + 0.2 + 0.3)
+    assert len(build_tree(acc, 1000)) < 1000  # zero-probability nodes are never added
+    with pytest.raises(ValueError, match="budget"):
+        build_tree(acc, 0)
+
+
+def test_expected_chain_tau_is_the_top1_chain_tree():
+    assert expected_chain_tau([]) == 1.0
+    assert expected_chain_tau([0.5, 0.4]) == pytest.approx(1 + 0.5 + 0.5 * 0.4)
+    acc = [0.7, 0.6, 0.5]
+    assert expected_chain_tau(acc) == pytest.approx(expected_accept_length(tree_preset("chain", 3), [[a] for a in acc]))
