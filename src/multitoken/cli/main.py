@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from multitoken.cli import analyze, bench, generate, heads, train
+from multitoken.cli import analyze, bench, demo, generate, heads, train
 from multitoken.cli.common import UsageError
 from multitoken.errors import MultitokenError, first_line
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_train(sub, parser)
     generate.add_generate(sub)
     generate.add_tune_tree(sub)
-    train.add_demo(sub)
+    demo.add_demo(sub)
     heads.add_heads(sub)
     return parser
 
