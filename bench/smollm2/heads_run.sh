@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# How bench/smollm2/heads_train.* and decode.* were produced (2-core CPU, float32, offline, quiet machine).
+# How the shipped SmolLM2 heads (src/multitoken/hf/heads/smollm2/) and bench/smollm2/heads_train.* were made:
+# 2-core CPU, float32, offline. Run from the repository root after `make install`.
 set -euo pipefail
 export HF_HUB_OFFLINE=1
-# 1. self-distillation (the base's own greedy answers, 128 tokens max, to ~110k tokens of chat requests: code
-#    continuation on stdlib train-split snippets + prose tasks), hidden cache of 196,608 tokens (those texts
-#    first, then the stdlib/prose corpus), sequential heads with a 4096-token draft vocabulary, 24 training minutes.
-.venv/bin/python -m multitoken heads train --base smollm2 --data '<stdlib>' '<prose>' --out runs/smollm2-heads2 \
-    --cache runs/smollm2-cache2 --generate-distill 110000 --max-tokens 196608 --head-type sequential --n-future 4 \
-    --targets distill --draft-vocab 4096 --d-ff 768 --tree-budget 15 --epochs 50 --minutes 24 --eval-every 50 \
-    --lr 2e-3 --warmup 20 --batch-size 8 --threads 2
-.venv/bin/python bench/smollm2/summarize_heads_train.py runs/smollm2-heads2 bench/smollm2/heads_train
-# 2. the tree: the budget with the best expected tau / measured verify cost (block_kernels.md), picked before step 3
-.venv/bin/python bench/smollm2/pick_tree.py runs/smollm2-heads2 > runs/smollm2-heads2/tree_pick.json
-# 3. decode benchmark (default decode path: lean forward + oneDNN kernels; rerun in the third session): 10 code prompts (stdlib validation split) + 10 built-in prose prompts, chat template,
-#    greedy, 128 new tokens, 2 threads, HF greedy / HF prompt lookup / multitoken plain, chain, adaptive chain, tree.
-.venv/bin/python -m multitoken bench decode --base smollm2 --heads runs/smollm2-heads2 --modes ar spec tree \
-    --tree "$(cat runs/smollm2-heads2/tree_pick.json)" --max-new-tokens 128 --threads 2 --draft-cost 0.1 \
-    --json bench/smollm2/decode.json --markdown bench/smollm2/decode.md
+RUN=${RUN:-runs/smollm2-heads3}
+CACHE=${CACHE:-runs/smollm2-cache3}
+# 1. Self-distillation: the base's own greedy answers (128 tokens max) to ~3,700 chat requests, ~240k answer
+#    tokens: every 4th a "Continue this Python code" request on a stdlib train-split snippet, the rest the broad
+#    offline mix of multitoken.data.distill_requests (stdlib-derived function/class/completion/review tasks,
+#    templated questions, explanations, lists, emails, stories, advice), a quarter of those written by the model
+#    itself from the chat template's user-turn prefix (Magpie-style). None equals a benchmark prompt.
+#    Then a hidden-state cache of 393,216 tokens (those texts first), sequential heads (3 draft depths) with a
+#    4096-token draft vocabulary, 1500 AdamW steps of 8 x 256 tokens (a step budget, so the result does not
+#    depend on the machine's load).
+.venv/bin/python -m multitoken heads train --base smollm2 --data '<stdlib>' '<prose>' --out "$RUN" \
+    --cache "$CACHE" --generate-distill 240000 --max-tokens 393216 --head-type sequential --n-future 4 \
+    --targets distill --draft-vocab 4096 --d-ff 768 --tree-budget 15 --steps 1500 --eval-every 100 \
+    --lr 2e-3 --warmup 30 --batch-size 8 --threads 2
+.venv/bin/python bench/smollm2/summarize_heads_train.py "$RUN" bench/smollm2/heads_train

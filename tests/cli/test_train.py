@@ -141,3 +141,81 @@ def test_subprocess_sigint_saves_checkpoint(corpus, tmp_path):
     # the interrupted run resumes from that step
     tr_rows = [json.loads(l) for l in metrics.read_text().splitlines()]
     assert max(r["step"] for r in tr_rows) == step
+
+
+# --------------------------------------------------------------------------- issue 14: run folders and bad input
+
+
+def one_error(capsys, *argv):
+    """Run the CLI; expect exit 2 and exactly one `error:` line (no traceback); return that line."""
+    rc = cli.main([*map(str, argv)])
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [l for l in err if l.startswith("error: ")]
+    assert rc == 2 and len(errors) == 1 and not any("Traceback" in l for l in err), err
+    return errors[0]
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_foreign_run_folder_is_refused_and_untouched(corpus, tmp_path, capsys):
+    ud = tmp_path / "ud"
+    (ud / "checkpoint").mkdir(parents=True)
+    (ud / "checkpoint" / "notes.txt").write_text("my notes\n")
+    (ud / "metrics.jsonl").write_text('{"mine": 1}\n')
+    before = snapshot(ud)
+    line = one_error(capsys, "train", *FAST, "--data", corpus, "--out", ud, "--steps", "2")
+    assert "not a multitoken run" in line and "notes.txt" in line
+    assert snapshot(ud) == before
+    # a non-empty folder of the user's, without checkpoint/: refused too, naming the file
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("x")
+    assert "thesis.tex" in one_error(capsys, "train", *FAST, "--data", corpus, "--out", tmp_path / "mine")
+    assert snapshot(tmp_path / "mine") == {"thesis.tex": b"x"}
+
+
+def test_user_files_in_our_run_survive(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", *FAST, "--data", str(corpus), "--out", str(out), "--steps", "2"]) == 0
+    (out / "checkpoint" / "notes.txt").write_text("my notes\n")
+    (out / "README.txt").write_text("about this run\n")
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--steps", "3", "--no-progress"]) == 0
+    assert (out / "checkpoint" / "notes.txt").read_text() == "my notes\n"
+    assert (out / "README.txt").read_text() == "about this run\n"
+    assert "notes.txt" in capsys.readouterr().out
+    assert load_trainer_state(find_checkpoint(out))["step"] == 3
+
+
+def test_resume_keeps_the_tuned_tree(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", *FAST, "--data", str(corpus), "--out", str(out), "--steps", "2",
+                     "--device", "cpu"]) == 0
+    assert cli.main(["tune-tree", "--model", str(out), "--budget", "4", "--prompts", "2", "--prompt-tokens", "16",
+                     "--max-new-tokens", "8"]) == 0
+    tree = out / "checkpoint" / "tree.json"
+    saved = tree.read_bytes()
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--steps", "3", "--no-progress"]) == 0
+    assert tree.read_bytes() == saved
+    said = [l for l in capsys.readouterr().out.splitlines() if "tree.json" in l]
+    assert len(said) == 1 and "kept" in said[0], said
+
+
+def test_out_is_a_file_fails_before_any_work(corpus, tmp_path, capsys, monkeypatch):
+    import multitoken.training.trainer as train_mod
+
+    monkeypatch.setattr(train_mod, "build_datasets", lambda *a, **k: pytest.fail("loaded the data first"))
+    f = tmp_path / "file.txt"
+    f.write_text("keep me")
+    line = one_error(capsys, "train", *FAST, "--data", corpus, "--out", f)
+    assert "file.txt" in line and "not a folder" in line
+    assert f.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("seq_len", [1, 3, 4])
+def test_seq_len_must_leave_every_head_a_target(corpus, tmp_path, capsys, seq_len):
+    line = one_error(capsys, "train", *FAST, "--data", corpus, "--out", tmp_path / "r", "--seq-len", seq_len)
+    assert f"seq_len={seq_len}" in line and "n_future=4" in line and ">= 5" in line
+    assert not (tmp_path / "r").exists()

@@ -143,3 +143,15 @@ def test_load_errors(tmp_path, bpe):
     (tmp_path / "ok" / CONFIG_NAME).write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not match"):
         load_tokenizer(tmp_path / "ok")
+
+
+@pytest.mark.parametrize("name", ["../../x.json", "../outside.json", "/etc/passwd", "sub/../../x.json"])
+def test_tokenizer_file_must_stay_in_the_model_folder(tmp_path, bpe, name):
+    outside = tmp_path / "outside.json"
+    bpe.save(tmp_path / "src")
+    outside.write_bytes((tmp_path / "src" / BPE_FILE).read_bytes())
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / CONFIG_NAME).write_text(json.dumps({"type": "bpe", "file": name}))
+    with pytest.raises(ValueError, match="outside the tokenizer folder"):
+        load_tokenizer(model)

@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import multitoken.decoding.chain as chain
 from multitoken.decoding import Sampler, generate
+from multitoken.errors import MultitokenError
 from conftest import HEAD_TYPES, tiny_model, RankedStub
 
 # ----------------------------------------------------------------------------- exactness
@@ -205,3 +206,62 @@ def test_prompt_errors():
         generate(model, torch.tensor([[1, 99]]), 5)
     with pytest.raises(ValueError, match="vocab_size"):
         generate(model, torch.tensor([[1, 2]]), 5, mode="draft", draft_model=tiny_model(vocab_size=50))
+
+
+# ----------------------------------------------------------------------------- issue 14: bad input
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=1.0, top_p=float("nan")), "top_p"),
+    (dict(temperature=1.0, top_k=float("inf")), "top_k"),
+    (dict(mode="spec", draft_cost=float("nan")), "draft_cost"),
+    (dict(mode="spec", draft_cost=float("inf")), "draft_cost"),
+])
+def test_non_finite_sampling_and_cost_settings_are_refused(kwargs, needle):
+    with pytest.raises(MultitokenError, match=needle):
+        generate(tiny_model("residual", n_future=3), torch.tensor([[1, 2]]), 5, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(mode="spec", tree="[[0],[0,0"), "tree applies to mode tree, not 'spec'"),
+    (dict(mode="ar", tree_budget=4), "tree_budget applies to mode tree"),
+    (dict(mode="spec", draft_model="x"), "draft_model applies to mode draft"),
+])
+def test_an_argument_of_another_mode_is_refused(kwargs, needle):
+    with pytest.raises(MultitokenError, match=needle):
+        generate(tiny_model("residual", n_future=3), torch.tensor([[1, 2]]), 5, **kwargs)
+
+
+def test_context_errors_say_what_would_fit():
+    model = tiny_model("residual", n_future=3, max_seq_len=64)
+    with pytest.raises(MultitokenError) as err:
+        generate(model, torch.tensor([[1, 2, 3]]), 100, truncate="left")
+    assert "prompt of 3 tokens + max_new_tokens=100 exceeds the model's context of 64 tokens" in str(err.value)
+    assert "at most 61 new tokens fit after this prompt" in str(err.value) and "63 new tokens" in str(err.value)
+    with pytest.raises(MultitokenError, match="at most 4 new tokens fit after this prompt; truncate='left'"):
+        generate(model, torch.zeros(1, 60, dtype=torch.long), 10)
+
+
+def test_a_draft_model_with_a_shorter_context_is_checked_up_front():
+    model = tiny_model("residual", n_future=1, max_seq_len=96)
+    drafter = tiny_model("residual", n_future=1, seed=1, max_seq_len=16)
+    prompt = torch.tensor([[1, 2, 3]])
+    with pytest.raises(MultitokenError, match="exceeds the draft model's context of 16 tokens: at most 13"):
+        generate(model, prompt, 40, mode="draft", draft_model=drafter, num_draft=3)
+    out = generate(model, prompt, 13, mode="draft", draft_model=drafter, num_draft=3)
+    assert out.tokens == generate(model, prompt, 13).tokens
+    long = torch.randint(0, 48, (2, 30))  # truncate keeps what fits both contexts
+    out = generate(model, long, 6, mode="draft", draft_model=drafter, num_draft=3, truncate="left")
+    assert out.tokens == generate(model, long[:, -10:], 6).tokens
+
+
+@pytest.mark.parametrize("vocab", [2, 5, 11])
+def test_the_default_tree_fits_a_small_vocabulary(vocab):
+    model = tiny_model("residual", n_future=4, seed=2, vocab_size=vocab)
+    prompts = torch.randint(0, vocab, (2, 4), generator=torch.Generator().manual_seed(vocab))
+    for tree in (None, "medium", "large"):
+        assert generate(model, prompts, 12, mode="tree", tree=tree).tokens == generate(model, prompts, 12).tokens
+    with pytest.raises(MultitokenError, match=f"vocabulary has only {vocab} tokens"):  # explicit paths: refused
+        generate(model, prompts, 4, mode="tree", tree=[[0], [vocab]])

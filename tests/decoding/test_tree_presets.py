@@ -44,3 +44,13 @@ def test_expected_chain_tau_is_the_top1_chain_tree():
     assert expected_chain_tau([0.5, 0.4]) == pytest.approx(1 + 0.5 + 0.5 * 0.4)
     acc = [0.7, 0.6, 0.5]
     assert expected_chain_tau(acc) == pytest.approx(expected_accept_length(tree_preset("chain", 3), [[a] for a in acc]))
+
+
+@pytest.mark.parametrize("name", ["small", "medium", "large"])
+@pytest.mark.parametrize("vocab", [1, 3, 11])
+def test_presets_fit_the_vocabulary(name, vocab):
+    paths = tree_preset(name, 3, vocab_size=vocab)
+    assert max(max(p) for p in paths) < vocab and len(set(map(tuple, paths))) == len(paths)
+    assert parse_tree(name, 3, vocab_size=vocab) == paths
+    assert tree_preset(name, 3, vocab_size=1000) == tree_preset(name, 3)  # a large vocabulary changes nothing
+    assert len(paths) == min(TREE_PRESETS[name], vocab + vocab ** 2 + vocab ** 3)

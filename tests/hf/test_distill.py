@@ -2,10 +2,12 @@
 import pytest
 
 pytest.importorskip("transformers")
+import torch  # noqa: E402
 from hf_fixtures import TEXTS, make_model, make_tokenizer  # noqa: E402
 
-from multitoken.data import PROSE_PROMPTS, prose_tasks  # noqa: E402
-from multitoken.hf.distill import distill_prompts, generate_distill_texts  # noqa: E402
+from multitoken.data import bench_prompts  # noqa: E402
+from multitoken.data.requests import normalize  # noqa: E402
+from multitoken.hf.distill import distill_prompts, generate_distill_texts, self_instruct  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant{% endif %}")
@@ -16,11 +18,40 @@ def test_distill_prompts_plain_and_chat():
     plain = distill_prompts(tok, TEXTS, 3, snippet_tokens=5)
     assert plain == [" ".join(t.split()[:5]) for t in TEXTS[:3]]
     tok.chat_template = CHAT_TEMPLATE
-    chat = distill_prompts(tok, TEXTS, 6)
-    assert len(chat) == 6 and all(p.startswith("user ") and p.endswith("assistant") for p in chat)
-    assert ["Continue this Python code" in p for p in chat] == [True, False] * 3
-    tasks = prose_tasks()
-    assert len(set(tasks)) == len(tasks) == 400 and not set(PROSE_PROMPTS) & set(tasks)
+    chat = distill_prompts(tok, TEXTS, 8)
+    assert len(chat) == 8 and all(p.startswith("user ") and p.endswith("assistant") for p in chat)
+    assert ["Continue this Python code" in p for p in chat] == [False, False, False, True] * 2  # every CODE_EVERY-th
+    bench = {normalize(p) for p in bench_prompts()}
+    requests = [p[len("user "):-len("\nassistant")] for p in chat]
+    assert len(set(requests)) == 8 and not {normalize(r) for r in requests} & bench
+
+
+class ScriptedWriter:
+    """A stand-in chat model whose sampled continuations are fixed texts (one per batch row, cycling)."""
+
+    def __init__(self, tok, texts):
+        self.tok, self.texts, self.calls = tok, texts, []
+
+    def generate(self, input_ids, max_new_tokens, **kw):
+        self.calls.append(kw)
+        rows = [self.tok(self.texts[i % len(self.texts)], add_special_tokens=False)["input_ids"][:max_new_tokens]
+                for i in range(input_ids.shape[0])]
+        width = max(map(len, rows))
+        tail = torch.tensor([r + [0] * (width - len(r)) for r in rows])  # padded with <unk>: no end of turn
+        return torch.cat([input_ids, tail], 1)
+
+
+def test_self_instruct_requests_come_from_the_model_and_are_cleaned():
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    writer = ScriptedWriter(tok, ["print the a of to and is it <eos> if", "x y <eos>",  # too short: dropped
+                                  "print the a of to and is it <eos>",  # a repeat: dropped
+                                  "while true print x", "return the a of self with class <eos>"])  # no end: dropped
+    got = self_instruct(writer, tok, 5, seed=0, batch_size=5, max_new_tokens=12, max_rounds=2)
+    assert got == ["print the a of to and is it", "return the a of self with class"]
+    assert writer.calls[0]["do_sample"] and writer.calls[0]["temperature"] == 1.0
+    mixed = distill_prompts(tok, TEXTS, 8, model=writer, self_instruct_share=0.5)
+    assert len(mixed) == 8 and sum("print the a of to and is it" in p for p in mixed) == 1
 
 
 def test_batched_distill_answers_equal_single_prompt_greedy():

@@ -2,38 +2,21 @@
 import pytest
 import torch
 from conftest import hf_greedy
+from hf_fixtures import ARCH_SIZES, make_arch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM  # noqa: E402
 
 from multitoken.decoding import generate  # noqa: E402
 from multitoken.hf import (  # noqa: E402
     LeanDecoderForward, MTPHeadsForCausalLM, block_kernels, lean_forward_unsupported)
 
-SIZES = dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128)
-
-
-def tiny(arch: str, seed: int = 0):
-    torch.manual_seed(seed)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**SIZES, rope_scaling={"rope_type": "linear", "factor": 2.0}))
-    elif arch == "mistral":
-        model = MistralForCausalLM(MistralConfig(**SIZES, sliding_window=None))
-    else:  # qwen2: biased q/k/v projections
-        model = Qwen2ForCausalLM(Qwen2Config(**SIZES))
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model.eval()
-
-
 def test_which_bases_qualify():
     for arch in ("llama", "mistral", "qwen2"):
-        assert lean_forward_unsupported(tiny(arch)) is None
-    windowed = MistralForCausalLM(MistralConfig(**SIZES, sliding_window=16))
+        assert lean_forward_unsupported(make_arch(arch)) is None
+    windowed = MistralForCausalLM(MistralConfig(**ARCH_SIZES, sliding_window=16))
     assert "sliding" in lean_forward_unsupported(windowed)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=1, n_head=2, initializer_range=0.5)).eval()
     assert "gpt2" in lean_forward_unsupported(gpt2)
@@ -54,7 +37,7 @@ def test_blocks_match_the_hf_forward(arch, seed, prompt, block, fast):
     """Prefill, a chain block, a rollback and a tree block over the static cache give the hidden
     states of HF's full forward on the same tokens (tree nodes: on their root path)."""
     from multitoken.hf import install_block_linears
-    base = tiny(arch, seed)
+    base = make_arch(arch, seed)
     if fast:
         install_block_linears(base)
     lean = LeanDecoderForward(base)
@@ -88,7 +71,7 @@ def test_blocks_match_the_hf_forward(arch, seed, prompt, block, fast):
 @given(arch=st.sampled_from(["llama", "mistral", "qwen2"]), seed=st.integers(0, 10_000),
        prompt=st.integers(1, 12), mode=st.sampled_from(["ar", "spec", "tree"]))
 def test_greedy_lean_decoding_equals_base_generate(arch, seed, prompt, mode):
-    base = tiny(arch, seed)
+    base = make_arch(arch, seed)
     model = MTPHeadsForCausalLM(base, 4, "sequential")
     assert model.lean_forward is not None
     for p in model.heads.parameters():

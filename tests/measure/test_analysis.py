@@ -8,6 +8,7 @@ from multitoken import MTPConfig, MTPModel, shift_targets
 from multitoken.measure.analysis import (analyze, flops_per_token, format_analysis, memory_per_step, parameter_counts,
                                  saved_activation_bytes, speedup_bounds, supervision_signals)
 from multitoken.cli.main import main
+from multitoken.errors import MultitokenError
 from conftest import HEAD_TYPES
 
 
@@ -164,3 +165,10 @@ def test_cli_analyze(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:")
+
+
+@pytest.mark.parametrize("kw", [{"seq_len": 0}, {"seq_len": -1}, {"batch_size": 0}, {"chunk_size": 0},
+                                {"seq_len": 2.5}, {"seq_len": True}])
+def test_analyze_rejects_nonsense(kw):
+    with pytest.raises(MultitokenError, match=f"{next(iter(kw))}="):
+        analyze(hand_config(), **kw)

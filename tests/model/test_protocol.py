@@ -76,3 +76,34 @@ def test_tree_path_commit_compacts_the_cache(head_type):
     torch.testing.assert_close(dl[:, 0], full[:, 8, 1], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(dl[:, 1], full[:, 8, 2], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(model.verify(state, seq[:, 9:12]), full[:, 9:12, 0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_select_rows_keeps_the_chosen_rows_exact(head_type):
+    """After per-row acceptance, keep rows [2, 0]: their verify and draft still match teacher forcing."""
+    model = tiny_model(head_type, n_future=4, seed=3)
+    seq = torch.randint(0, 48, (3, 40), generator=torch.Generator().manual_seed(3))
+    state = run_protocol(model, seq, prompt_len=5, blocks=[(4, [1, 4, 2]), (4, [3, 2, 4])])
+    index = torch.tensor([2, 0])
+    picked = model.select_rows(state, index)
+    assert picked.lengths.tolist() == [11, 9] and state.lengths.tolist() == [9, 11, 11]  # the old state is intact
+    sub, length = seq[index], picked.lengths.clone()
+    with torch.no_grad():
+        full = model(sub)
+    rows = torch.arange(2)
+    for width, accepted in [(4, [2, 4]), (3, [3, 1])]:
+        _, draft_logits = model.draft(picked, sub[rows, length], 3, lambda lg, j: sub[rows, length + 1 + j])
+        torch.testing.assert_close(draft_logits, full[rows, length - 1, 1:], atol=2e-5, rtol=1e-4)
+        idx = length[:, None] + torch.arange(width)
+        torch.testing.assert_close(model.verify(picked, sub.gather(1, idx)), full[rows[:, None], idx, 0],
+                                   atol=2e-5, rtol=1e-4)
+        model.accept(picked, None, torch.tensor(accepted))
+        length = length + torch.tensor(accepted)
+
+
+def test_select_rows_refuses_a_bad_index():
+    model = tiny_model("residual", n_future=2)
+    state = model.new_state(2, 8)
+    for bad in (torch.tensor([2]), torch.tensor([0, 0]), torch.tensor([[0]])):
+        with pytest.raises((IndexError, TypeError)):
+            model.select_rows(state, bad)

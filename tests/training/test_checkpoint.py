@@ -166,3 +166,65 @@ def test_vocab_and_shape_mismatches(tmp_path):
         load_model(ckpt)
     with pytest.raises(CheckpointError, match="vocab mismatch"):
         save_checkpoint(tmp_path / "x", tiny_model(vocab_size=48), ByteTokenizer())
+
+
+# --------------------------------------------------------------------------- issue 14: only our files are replaced
+
+
+def test_user_files_in_a_checkpoint_survive_every_save(tmp_path):
+    run = tmp_path / "run"
+    save_checkpoint(run, byte_model(seed=0), ByteTokenizer(), trainer_state={"step": 1})
+    (run / "checkpoint" / "notes.txt").write_bytes(b"mine\x00\xff")
+    (run / "checkpoint" / "tree.json").write_text('{"paths": [[0]]}')
+    for step in (2, 3):
+        save_checkpoint(run, byte_model(seed=step), ByteTokenizer(), trainer_state={"step": step})
+        assert (run / "checkpoint" / "notes.txt").read_bytes() == b"mine\x00\xff"
+        assert (run / "checkpoint" / "tree.json").read_text() == '{"paths": [[0]]}'
+        assert ck.kept_files(run / "checkpoint") == ["notes.txt", "tree.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]
+    assert load_trainer_state(find_checkpoint(run))["step"] == 3
+
+
+def test_damaged_checkpoint_keeps_what_is_not_ours(tmp_path):
+    run = tmp_path / "run"
+    ckpt = save_checkpoint(run, byte_model(), ByteTokenizer(), trainer_state={"step": 1})
+    (ckpt / "model.safetensors").unlink()  # damaged: no weights
+    (ckpt / "notes.txt").write_text("mine")
+    save_checkpoint(run, byte_model(seed=1), ByteTokenizer(), trainer_state={"step": 2})
+    assert (ckpt / "notes.txt").read_text() == "mine" and load_trainer_state(ckpt)["step"] == 2
+    # a folder of the user's in checkpoint/ (no manifest): kept, never wiped
+    other = tmp_path / "other"
+    (other / "checkpoint").mkdir(parents=True)
+    (other / "checkpoint" / "notes.txt").write_text("mine")
+    save_checkpoint(other, byte_model(), ByteTokenizer(), trainer_state={"step": 1})
+    assert (other / "checkpoint" / "notes.txt").read_text() == "mine"
+
+
+def test_a_file_of_ours_by_name_but_not_by_manifest_is_never_overwritten(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "config.json").write_text('{"mine": true}')
+    with pytest.raises(CheckpointError, match=r"config.json was not written by multitoken") as e:
+        save_checkpoint(run, byte_model(), ByteTokenizer())
+    assert "\n" not in str(e.value)
+    assert (run / "checkpoint" / "config.json").read_text() == '{"mine": true}'
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]
+    # a stale checkpoint.tmp/ holding a file we did not write is refused, not wiped
+    run2 = tmp_path / "run2"
+    (run2 / "checkpoint.tmp").mkdir(parents=True)
+    (run2 / "checkpoint.tmp" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="notes.txt was not written by multitoken"):
+        save_checkpoint(run2, byte_model(), ByteTokenizer())
+    assert (run2 / "checkpoint.tmp" / "notes.txt").read_text() == "mine"
+
+
+def test_garbage_trainer_state_never_suggests_unsafe_loading(tmp_path):
+    import datetime
+
+    ckpt = save_checkpoint(tmp_path / "run", byte_model(), ByteTokenizer(), trainer_state={"step": 1})
+    for payload in (lambda f: f.write_bytes(b"not a pickle"),
+                    lambda f: torch.save({"step": 1, "when": datetime.date(2020, 1, 1)}, f)):
+        payload(ckpt / "trainer_state.pt")
+        with pytest.raises(CheckpointError, match="corrupt or not written by multitoken") as e:
+            load_trainer_state(ckpt)
+        assert "weights_only" not in str(e.value) and "\n" not in str(e.value)

@@ -147,20 +147,20 @@ def test_cli_heads_train_and_bench(tmp_path, capsys):
     prose = tmp_path / "prose.txt"
     prose.write_text("# comment\nthe a of to and\nis it that this\n")
     rc = main(["heads", "bench", "--base", str(base), "--heads", str(out), "--code-prompts", "1", "--prose",
-               str(prose), "--max-new-tokens", "6", "--json", str(tmp_path / "b.json"), "--quiet"])
+               str(prose), "--per-group", "1", "--max-new-tokens", "6", "--json", str(tmp_path / "b.json"), "--quiet"])
     result = json.loads((tmp_path / "b.json").read_text())
     assert rc == 0, capsys.readouterr()
     groups = {(r["group"], r["decoder"]) for r in result["rows"]}
     assert ("prose", "spec") in groups and ("code", "hf_pld") in groups and ("all", "tree") in groups
     assert all(r["identical"] for r in result["rows"])
-    # the spelling: `bench decode --base`, built-in prose prompts, verify cost with and without the kernels
-    rc = main(["bench", "decode", "--base", str(base), "--heads", str(out), "--code-prompts", "1", "--prose-prompts",
+    # the spelling: `bench decode --base`, the packaged requests, verify cost with and without the kernels
+    rc = main(["bench", "decode", "--base", str(base), "--heads", str(out), "--code-prompts", "1", "--per-group",
                "1", "--max-new-tokens", "4", "--modes", "ar", "spec", "--draft-cost", "0.1",
                "--json", str(tmp_path / "d.json")])
     result = json.loads((tmp_path / "d.json").read_text())
     assert rc == 0 and {r["decoder"] for r in result["rows"]} == {"hf", "hf_pld", "ar", "spec", "spec_adaptive"}
     assert all(r["identical"] for r in result["rows"])
-    assert {r["group"] for r in result["rows"]} == {"code", "prose", "all"}
+    assert {r["group"] for r in result["rows"]} == {"code", "complete", "prose", "continue", "all"}
     assert [v["width"] for v in result["verify_cost"]] == [1, 2, 3, 4, 8, 16]
     assert all(v["hf_seconds"] > 0 for v in result["verify_cost"])
     assert not (tmp_path / "d.json.partial").exists()
@@ -185,4 +185,4 @@ def test_repeated_verify_without_accept_is_idempotent(fast_forward):
     again = model.verify(state, block)
     torch.testing.assert_close(first, again)
     model.accept(state, None, torch.tensor([3]))
-    assert (int(state.cache.lengths[0]) if fast_forward else state.cache.hf.get_seq_length()) == 9
+    assert (int(state.cache.lengths[0]) if fast_forward else state.cache.rows[0].hf.get_seq_length()) == 9

@@ -317,3 +317,31 @@ def test_train_demo_model_reuses_finished_checkpoint(corpus, tmp_path, monkeypat
     assert load_trainer_state(ckpt)["step"] == 3
     monkeypatch.setattr(MTPTrainer, "fit", lambda self, *a, **k: pytest.fail("retrained"))
     assert train_demo_model(tmp_path / "demo", progress=False) == ckpt
+
+
+# --------------------------------------------------------------------------- issue 14: heads without targets
+
+
+@pytest.mark.parametrize("seq_len, n_future", [(1, 1), (2, 2), (3, 4), (4, 4)])
+def test_seq_len_must_give_every_head_a_target(seq_len, n_future):
+    with pytest.raises(ValueError, match=f"seq_len={seq_len}") as e:
+        TrainConfig(seq_len=seq_len, model={"n_future": n_future})
+    assert f">= {n_future + 1}" in str(e.value) and f"n_future={n_future}" in str(e.value)
+    TrainConfig(seq_len=n_future + 1, model={"n_future": n_future})
+
+
+def test_heads_without_targets_are_none_not_zero(corpus, tmp_path, monkeypatch):
+    import multitoken.training.trainer as train_mod
+
+    tr = MTPTrainer.from_config(tiny(corpus), tmp_path / "run", progress=False)
+    tokens = torch.randint(0, 257, (2, 3))  # T=3: heads 2 and 3 (t+3, t+4) have no target
+    m = tr.train_step((tokens, torch.zeros_like(tokens)))
+    assert m["head_losses"][2:] == [None, None] and m["head_accuracy"][2:] == [None, None]
+    assert all(isinstance(v, float) for v in m["head_losses"][:2] + m["head_accuracy"][:2])
+    # validation with no target at all: every head and the perplexity are "no targets", not 0 / 1.0
+    zeros = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+    monkeypatch.setattr(train_mod, "validation_sums", lambda *a, **k: zeros)
+    ev = tr.evaluate()
+    assert ev["head_losses"] == [None] * 4 and ev["head_accuracy"] == [None] * 4
+    assert ev["perplexity"] is None and ev["primary"] is None and ev["val_tokens"] == 0
+    json.dumps(ev)  # None is JSON null

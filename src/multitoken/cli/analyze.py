@@ -14,13 +14,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     if bool(args.config) == bool(args.model):
         raise UsageError("give exactly one of --config FILE or --model DIR")
-    if args.model and not Path(args.model).is_dir():
-        raise FileNotFoundError(f"model directory not found: {args.model}")
-    cfg = MTPConfig.load(Path(args.config) if args.config else Path(args.model) / "config.json")
+    cfg = MTPConfig.load(Path(args.config)) if args.config else _model_config(Path(args.model))
     result = analyze(cfg, seq_len=args.seq_len, batch_size=args.batch_size, chunk_size=args.chunk_size,
                      bench=args.bench)
     print(json.dumps(result, indent=2) if args.json else format_analysis(result).rstrip("\n"))
     return 0
+
+
+def _model_config(path: Path):
+    """The MTPConfig of --model: whatever ``generate --model`` accepts (a run or checkpoint
+    folder), or a folder holding only config.json."""
+    from multitoken.training.checkpoint import MODEL_CONFIG, find_checkpoint, load_model_config, resolve_checkpoint
+
+    ckpt = find_checkpoint(path)
+    if ckpt is None and not (path / MODEL_CONFIG).is_file():
+        ckpt = resolve_checkpoint(path)  # raises its one-line error
+    return load_model_config(ckpt or path)
 
 
 def add_analyze(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +38,8 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
                                    "activation/logit memory per step (naive vs memory-efficient), supervision signals "
                                    "per sequence, and with --bench the decoding speed-up bound tau*t(1)/t(verify).")
     p.add_argument("--config", help="MTPConfig JSON file")
-    p.add_argument("--model", help="model directory holding config.json")
+    p.add_argument("--model", help="trained model: a run or checkpoint folder (as for generate), or a folder "
+                                   "holding config.json")
     p.add_argument("--seq-len", type=int, help="sequence length T (default: the config's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per step for the memory estimate")
     p.add_argument("--chunk-size", type=int, help="CE chunk of the memory-efficient step (default: T)")

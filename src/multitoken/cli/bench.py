@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from multitoken.cli.common import (add_decode_path_flags, add_draft_cost_flag, check_outputs, progress_line,
-                                   run_decode_command)
+from multitoken.cli.common import (add_batch_flags, add_bench_prompt_flags, add_decode_path_flags, add_draft_cost_flag,
+                                   check_outputs, progress_line, run_decode_command)
 from multitoken.errors import MultitokenError
 from multitoken.io import write_json
 
@@ -101,8 +101,9 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
 def add_bench_decode(bsub: argparse._SubParsersAction) -> None:
     d = bsub.add_parser("decode", help="plain vs self-speculative vs draft-model (vs tree) decoding, greedy")
     d.add_argument("--model", help="trained multitoken checkpoint or run directory")
-    d.add_argument("--base", help="Hugging Face base ('smollm2' or a path), with --heads")
-    d.add_argument("--heads", help="MTP heads directory for --base")
+    d.add_argument("--base", help="Hugging Face base ('smollm2' or a model folder / .gguf file)")
+    d.add_argument("--heads", help="MTP heads for --base: a folder or a shipped name (default: the heads shipped "
+                                   "for --base)")
     d.add_argument("--modes", nargs="+", default=["ar", "spec", "draft", "tree"], help="modes to compare")
     d.add_argument("--draft-model", help="draft model checkpoint for the draft mode")
     d.add_argument("--num-draft", type=int, help="draft tokens per step")
@@ -111,16 +112,16 @@ def add_bench_decode(bsub: argparse._SubParsersAction) -> None:
     d.add_argument("--prompts", type=int, default=16, help="validation prompts (default 16)")
     d.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt (default 64)")
     d.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
+    add_batch_flags(d)
     d.add_argument("--threads", type=int, help="torch CPU threads")
     d.add_argument("--json", help="write the rows as JSON")
     d.add_argument("--markdown", help="write the markdown table")
     d.add_argument("--readme", help="update the decode section of this README (e.g. bench/README.md)")
     d.add_argument("--verify-widths", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32],
                    help="also time one verify pass per block width (tree nodes + 1); none to skip")
-    hf = d.add_argument_group("with --base (same as `heads bench`: HF greedy and prompt lookup rows, chat prompts)")
-    hf.add_argument("--code-prompts", type=int, default=10, help="code prompts from the stdlib validation split")
-    hf.add_argument("--prose", metavar="FILE", help="prose prompts, one per line (default: 12 built-in requests)")
-    hf.add_argument("--prose-prompts", type=int, default=10, help="prose prompts used (default 10)")
+    hf = d.add_argument_group("with --base (same as `heads bench`: HF greedy and prompt lookup rows, chat prompts, "
+                              "each group reported separately)")
+    add_bench_prompt_flags(hf)
     hf.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for HF (default 10)")
     add_decode_path_flags(hf)
     add_draft_cost_flag(hf, default=None)  # given: an extra "chain, adaptive k" row

@@ -101,9 +101,32 @@ def add_decode_path_flags(parser) -> None:
                              "bases: the lean forward over a static cache, see multitoken.hf_forward)")
 
 
+def add_bench_prompt_flags(parser, default_code_prompts: int = 10) -> None:
+    """The chat-prompt flags ``bench decode --base`` and ``heads bench`` share."""
+    parser.add_argument("--requests", metavar="FILE",
+                        help="chat requests: JSONL ({id, group, prompt}) or one prompt per line (default: the "
+                             "packaged natural-request set, groups code / complete / prose)")
+    parser.add_argument("--prose", metavar="FILE",
+                        help="prose requests, one per line, instead of the request set's prose group")
+    parser.add_argument("--per-group", type=int, metavar="N", help="at most N requests of each group (default: all)")
+    parser.add_argument("--code-prompts", type=int, default=default_code_prompts,
+                        help=f"code-continuation prompts from the stdlib validation split, group 'continue' "
+                             f"(default {default_code_prompts})")
+
+
+def add_batch_flags(parser) -> None:
+    parser.add_argument("--batch-size", type=int, default=1, metavar="B",
+                        help="decode B prompts of a group at once (HF greedy batched with left padding; identical "
+                             "then compares each row with its own single-prompt reference output; default 1)")
+    parser.add_argument("--compare-finished", action="store_true",
+                        help="also run each multitoken decoder with finished rows kept in the batch (masked) "
+                             "instead of dropped, to see which is cheaper")
+
+
 def run_decode_command(args: argparse.Namespace, modes, adaptive: bool, verify_widths, verify_prefix,
                        quiet: bool) -> int:
     """What ``bench decode`` and ``heads bench`` both do: load, benchmark, print, write the outputs."""
+    from multitoken.measure.decode import hf_base as hf_base_of
     from multitoken.measure.decode_run import (all_identical, bench_prompts, choose_decoders, dropped_draft,
                                                run_decode_bench)
 
@@ -115,16 +138,19 @@ def run_decode_command(args: argparse.Namespace, modes, adaptive: bool, verify_w
         draft_model, _ = load_model(args.draft_model)
     if dropped_draft(model, modes, draft_model):
         print("note: no --draft-model given, skipping the draft mode", file=sys.stderr)
-    decoders = choose_decoders(model, modes, draft_model, adaptive)
+    batch_size = args.batch_size
+    if batch_size > 1 and "hf_pld" in modes and hf_base_of(model) is not None:
+        print("note: HF prompt lookup decodes one prompt at a time, skipping it at --batch-size > 1", file=sys.stderr)
+    decoders = choose_decoders(model, modes, draft_model, adaptive, batch_size, args.compare_finished)
     prompts, chat = bench_prompts(model, tokenizer, getattr(args, "prompts", 0), getattr(args, "prompt_tokens", 0),
-                                  args.code_prompts, args.prose, args.prose_prompts)
-    name = getattr(args, "model", None) or f"{args.base} + heads {args.heads}"
+                                  args.code_prompts, args.requests, args.per_group, args.prose)
+    name = getattr(args, "model", None) or f"{args.base} + heads {args.heads or '(shipped)'}"
     partial = args.json + ".partial" if args.json else None
     result, table = run_decode_bench(
         model, tokenizer, name, prompts, chat, decoders, args.max_new_tokens, verify_widths, verify_prefix,
         progress=not quiet, partial=partial, draft_model=draft_model, num_draft=args.num_draft,
         tree=tree_for(args, model) if "tree" in decoders else None, tree_budget=getattr(args, "tree_budget", None),
-        draft_cost=args.draft_cost, pld_tokens=args.pld_tokens)
+        draft_cost=args.draft_cost, pld_tokens=args.pld_tokens, batch_size=batch_size)
     print(table)
     if args.json:
         write_json(args.json, result)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from multitoken.cli.common import add_decode_path_flags, add_draft_cost_flag, run_decode_command
+from multitoken.cli.common import (
+    add_batch_flags, add_bench_prompt_flags, add_decode_path_flags, add_draft_cost_flag, run_decode_command,
+)
 from multitoken.measure.decode import DECODERS
 from multitoken.measure.decode_run import HF_VERIFY_WIDTHS
 
@@ -79,12 +81,12 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_heads_train)
 
-    b = hsub.add_parser("bench", help="HF greedy vs HF prompt lookup vs multitoken plain/chain/tree on chat prompts")
+    b = hsub.add_parser("bench", help="HF greedy vs HF prompt lookup vs multitoken plain/chain/tree on chat requests")
     b.add_argument("--base", required=True, help="'smollm2' or a Hugging Face model folder / .gguf file")
-    b.add_argument("--heads", required=True, metavar="DIR", help="heads trained with `heads train`")
-    b.add_argument("--code-prompts", type=int, default=10, help="code prompts from the stdlib validation split")
-    b.add_argument("--prose", metavar="FILE", help="prose prompts, one per line (default: 12 built-in requests)")
-    b.add_argument("--prose-prompts", type=int, default=10, help="prose prompts used (default 10)")
+    b.add_argument("--heads", metavar="DIR", help="heads trained with `heads train`, or a shipped name "
+                                                  "(default: the heads shipped for --base)")
+    add_bench_prompt_flags(b)
+    add_batch_flags(b)
     b.add_argument("--decoders", nargs="+", default=["hf", "hf_pld", "ar", "spec", "tree"],
                    choices=[d for d in DECODERS if d != "draft"],
                    help="spec_adaptive: the chain with each step's draft length chosen at --draft-cost")

@@ -119,6 +119,8 @@ def _run_training(trainer, config, args: argparse.Namespace, out: Path) -> int:
         return 2
     if not main_rank:
         return 130 if result["status"] == "interrupted" else 0
+    if result["kept"]:
+        print(_kept_line(result["kept"], result["checkpoint"]))
     if result["status"] == "interrupted":
         print(f"interrupted at step {result['step']}; checkpoint saved to {result['checkpoint']}; "
               f"continue with: multitoken train --out {out} --resume", file=sys.stderr)
@@ -127,6 +129,16 @@ def _run_training(trainer, config, args: argparse.Namespace, out: Path) -> int:
         print(format_head_table(result["eval"]))
     print(f"checkpoint: {result['checkpoint']}")
     return 0
+
+
+def _kept_line(kept: list[str], ckpt) -> str:
+    """The files training did not write, carried into the new checkpoint (said once per run)."""
+    from multitoken.decoding.tree_presets import TREE_FILE
+
+    line = f"kept in {ckpt} (not written by training, carried over): {', '.join(kept)}"
+    if TREE_FILE in kept:
+        line += f"; {TREE_FILE} was tuned on earlier weights (multitoken tune-tree refreshes it)"
+    return line
 
 
 def add_train(sub: argparse._SubParsersAction, root: argparse.ArgumentParser) -> None:

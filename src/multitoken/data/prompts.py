@@ -2,8 +2,9 @@
 
 * :func:`training_texts`: the mixed text stream a hidden-state cache is built from (stdlib train
   split, optional stdlib prose documentation, user files).
-* self-distillation requests: :func:`prose_tasks` and train-split :func:`code_snippets` (wrapped in
-  a chat template by :func:`multitoken.hf.distill.distill_prompts`), disjoint from every benchmark prompt;
+* self-distillation: train-split :func:`code_snippets` here, the broad request mix in
+  :mod:`multitoken.data.requests`; :func:`multitoken.hf.distill.distill_prompts` wraps both in a chat
+  template. Both are disjoint from every benchmark prompt;
 * benchmark prompts: :func:`validation_prompts` (native models: raw validation-split windows),
   :data:`CODE_INSTRUCTION` + :func:`code_snippets` on the validation split and :data:`PROSE_PROMPTS`
   (chat models), :func:`read_prompts` for a user's file.
@@ -73,32 +74,6 @@ def interleave(main: Sequence[T], extra: Sequence[T], every: int) -> Iterator[T]
         else:
             yield main[i]
             i += 1
-
-
-PROSE_TEMPLATES = (
-    "Explain {} to someone who has never heard of it.", "Write a short story that involves {}.",
-    "What are the advantages and disadvantages of {}?", "Describe {} in a few paragraphs.",
-    "Give me five practical tips about {}.", "Summarize what people should know about {}.",
-    "Write a friendly letter to a friend about {}.", "Why does {} matter? Answer in simple words.",
-    "Write a short blog post about {}.", "What are common mistakes people make with {}?",
-)
-PROSE_TOPICS = (
-    "volcanoes", "learning a second language", "saving money", "the moon landing", "bees and pollination",
-    "public libraries", "sleep", "electric cars", "the Roman Empire", "composting at home", "rainforests",
-    "team sports", "climate change", "baking bread", "the internet", "recycling plastic", "earthquakes",
-    "keeping a journal", "the human heart", "solar power", "chess", "time management", "ocean tides",
-    "friendship", "museums", "growing tomatoes", "the Olympic Games", "first aid", "black holes",
-    "remote work", "music lessons", "wind turbines", "healthy breakfasts", "mountain hiking",
-    "the French Revolution", "online privacy", "birds migrating", "a small business", "cooking pasta",
-    "public transport",
-)
-
-
-def prose_tasks() -> list[str]:
-    """Instruction prompts built from templates x topics (for self-distillation; written for this
-    purpose, disjoint from the decode benchmark's prose prompts), in a fixed mixed order."""
-    tasks = [t.format(topic) for topic in PROSE_TOPICS for t in PROSE_TEMPLATES]
-    return sorted(tasks, key=order_key)
 
 
 CODE_INSTRUCTION = "Continue this Python code:\n\n```python\n{code}```"

@@ -204,6 +204,8 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         return ByteTokenizer()
     if kind == "bpe":
         f = d / str(cfg.get("file", BPE_FILE))
+        if not f.resolve().is_relative_to(d.resolve()):  # "../x.json" or "/abs": never load from elsewhere
+            raise MultitokenError(f"{cfg_path}: file {cfg.get('file')!r} is outside the tokenizer folder {d}")
         if not f.is_file():
             raise FileNotFoundError(f"BPE tokenizer file missing: {f}")
         tok = BPETokenizer.from_file(f)

@@ -16,7 +16,9 @@ import torch
 
 from multitoken.decoding.batch import TokenCallback, Tracker, as_rows, device_of, fit_context
 from multitoken.decoding.chain import ChainStep
-from multitoken.decoding.draft_length import DraftLengthPolicy
+from multitoken.decoding.cost import CostModel
+from multitoken.decoding.cost_cache import check_cost_model
+from multitoken.decoding.defaults import default_tree, spec_policy
 from multitoken.decoding.loop import decode_loop
 from multitoken.decoding.sampling import Sampler
 from multitoken.decoding.stats import GenerationResult, GenerationStats
@@ -31,7 +33,8 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
              top_k: int | None = None, top_p: float | None = None, draft_model: MTPDecoderModel | None = None,
              num_draft: int | None = None, eos_id: int | None = None, seed: int | None = None,
              tree=None, tree_budget: int | None = None, on_tokens: TokenCallback | None = None,
-             truncate: str | None = None, draft_cost: float | None = None) -> GenerationResult:
+             truncate: str | None = None, draft_cost: float | None = None,
+             cost_model: CostModel | str | None = "auto") -> GenerationResult:
     """Generate up to ``max_new_tokens`` per prompt.
 
     prompt_ids: (B, T) LongTensor or a list of 1-D LongTensors of different lengths.
@@ -41,37 +44,74 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
     of that many nodes, see :mod:`multitoken.decoding.tree_verify`). Greedy (temperature 0)
     output is token-identical to "ar"; sampling preserves the "ar" distribution.
     ``truncate="left"`` drops the oldest prompt tokens that do not fit the context instead of
-    raising. ``draft_cost`` (modes "spec" and "draft"): choose each step's draft length (up to
-    num_draft) from running acceptance, one more draft costing this fraction of a plain step
-    (:mod:`multitoken.decoding.draft_length`). ``on_tokens(row, tokens)`` is called with each
-    row's newly accepted tokens. Bad arguments raise MultitokenError.
+    raising. Defaults are cost-aware (:mod:`multitoken.decoding.defaults`): mode "spec" picks
+    each step's draft length (up to num_draft) for the most expected tokens per second, and
+    mode "tree" without ``tree`` / ``tree_budget`` the tree with the most expected tokens per
+    verify cost when the model offers a top-k acceptance table; the costs are calibrated once
+    per model and machine (:mod:`multitoken.decoding.cost_cache`). ``cost_model``: "auto"
+    (that), "off" / None (every step drafts num_draft; the model's saved tree or the default
+    preset) or a ready :class:`~multitoken.decoding.cost.CostModel`. ``draft_cost`` (modes
+    "spec" and "draft"): the draft length from running acceptance with one more draft costing
+    this fraction of a plain step instead (:mod:`multitoken.decoding.draft_length`).
+    ``on_tokens(row, tokens)`` is called with each row's newly accepted tokens. The stats say
+    what was chosen (``draft_lengths``, ``tree_nodes``, ``chosen_by``). Bad arguments raise
+    MultitokenError.
     """
     if mode not in MODES:
         raise MultitokenError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
     if max_new_tokens < 0:
         raise MultitokenError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if draft_cost is not None and mode not in ("spec", "draft"):
-        raise MultitokenError(f"draft_cost (adaptive draft length) applies to modes spec and draft, not {mode!r}")
+    check_mode_arguments(mode, draft_cost=draft_cost, tree=tree, tree_budget=tree_budget, draft_model=draft_model)
+    check_cost_model(cost_model)
     device = device_of(model)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     sampler = Sampler(temperature, top_k, top_p, generator)
     rows = fit_context(as_rows(prompt_ids, device), model, max_new_tokens, truncate)
+    context = model.max_seq_len
+    if mode == "draft" and draft_model is not None:  # the drafter reads the same positions: both limits hold
+        rows = fit_context(rows, draft_model, max_new_tokens, truncate, who="draft model")
+        context = min(context, draft_model.max_seq_len)
     for r in rows:
         if int(r.max()) >= model.vocab_size or int(r.min()) < 0:
             raise MultitokenError(f"prompt token id out of range for vocab_size={model.vocab_size}")
     num_draft = resolve_num_draft(model, mode, num_draft, draft_model)
+    if mode == "tree" and tree is None and tree_budget is None:  # before the clock: may calibrate once
+        tree, chosen_by = default_tree(model, num_draft, len(rows), cost_model)
+    elif mode == "tree":
+        chosen_by = "given tree" if tree is not None else "dynamic"
+    else:
+        policy, chosen_by = spec_policy(model, num_draft, len(rows), draft_cost,
+                                        cost_model if mode == "spec" else "off")
     start = time.perf_counter()
     with torch.inference_mode():
         tracker = Tracker(len(rows), max_new_tokens, eos_id, num_draft, on_tokens)
         if mode == "tree":
             stepper = TreeStep(model, sampler, num_draft, tree=tree, budget=tree_budget)
         else:
-            policy = DraftLengthPolicy(num_draft, draft_cost) if draft_cost is not None and num_draft else None
             stepper = ChainStep(model, sampler, tracker, num_draft, draft_model if mode == "draft" else None, policy)
-        decode_loop(model, rows, sampler, tracker, stepper)
+        decode_loop(model, rows, sampler, tracker, stepper, context)
     stats = GenerationStats.from_tracker(tracker, time.perf_counter() - start)
+    stats.chosen_by = chosen_by
+    if mode == "tree" and stepper.static is not None:
+        stats.tree_nodes = stepper.static.width - 1
     return GenerationResult(tracker.out, stats)
+
+
+# Arguments that only one group of modes reads; given with another mode they would be ignored.
+MODE_ARGUMENTS = {"draft_cost": ("spec", "draft"), "tree": ("tree",), "tree_budget": ("tree",),
+                  "draft_model": ("draft",)}
+
+
+def check_mode_arguments(mode: str, as_flags: bool = False, **given) -> None:
+    """Refuse an argument of :data:`MODE_ARGUMENTS` given (not None) with a mode that ignores it;
+    ``as_flags`` names it as the command-line flag (``--tree-budget``)."""
+    for name, value in given.items():
+        modes = MODE_ARGUMENTS[name]
+        if value is not None and mode not in modes:
+            shown = "--" + name.replace("_", "-") if as_flags else name
+            raise MultitokenError(f"{shown} applies to mode{'s' if len(modes) > 1 else ''} {' and '.join(modes)}, "
+                                  f"not {mode!r}")
 
 
 def resolve_num_draft(model: MTPDecoderModel, mode: str, num_draft: int | None,

@@ -48,21 +48,34 @@ def pad_rows(rows: Sequence[Tensor]) -> Tensor:
     return out
 
 
-def fit_context(rows: list[Tensor], model, max_new: int, truncate: str | None) -> list[Tensor]:
+def fit_context(rows: list[Tensor], model, max_new: int, truncate: str | None, who: str = "model") -> list[Tensor]:
     """Rows that leave room for ``max_new`` tokens in ``model.max_seq_len``: too long a row
-    raises MultitokenError, or with ``truncate="left"`` loses its oldest tokens."""
-    limit = model.max_seq_len - max_new
+    raises MultitokenError saying what would fit, or with ``truncate="left"`` loses its
+    oldest tokens (at least one prompt token stays). ``who`` names the model in messages."""
+    context = model.max_seq_len
+    limit = context - max_new  # prompt tokens that fit
     if truncate not in (None, "left"):
         raise MultitokenError(f"truncate must be None or 'left', got {truncate!r}")
     out = []
     for r in rows:
         if len(r) > limit:
             if truncate != "left" or limit < 1:
-                raise MultitokenError(f"prompt of {len(r)} tokens + max_new_tokens={max_new} exceeds the model's "
-                                      f"context of {model.max_seq_len} tokens (use truncate='left' / --truncate left)")
+                raise MultitokenError(too_long(len(r), max_new, context, who, truncate))
             r = r[-limit:]
         out.append(r)
     return out
+
+
+def too_long(prompt: int, max_new: int, context: int, who: str, truncate: str | None) -> str:
+    """What does not fit (prompt + max_new_tokens > context) and what would."""
+    fits = [f"at most {context - prompt} new tokens fit after this prompt"] if prompt < context else []
+    if context - max_new >= 1 and truncate != "left":
+        fits.append(f"truncate='left' / --truncate left keeps its last {context - max_new} tokens")
+    elif context - max_new < 1:
+        fits.append(f"with truncate='left' / --truncate left (one prompt token kept) at most {context - 1} new "
+                    f"tokens fit")
+    return (f"prompt of {prompt} tokens + max_new_tokens={max_new} exceeds the {who}'s context of {context} tokens: "
+            + "; ".join(fits))
 
 
 def capacity(rows: list[Tensor], max_new: int, extra: int) -> int:
@@ -104,6 +117,7 @@ class Tracker:
         self.attempted = [0] * num_draft
         self.accepted = [0] * num_draft
         self.histogram = [0] * (num_draft + 1)
+        self.depths = [0] * (num_draft + 1)  # verify steps by the draft depth the step was allowed
         self.drafted = 0  # drafts verified, all rows
         self.node_sum, self.node_steps = 0, 0  # tree nodes verified (root included), row-steps that did
 

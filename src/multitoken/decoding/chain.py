@@ -15,7 +15,7 @@ from multitoken.decoding.batch import Tracker, pad_rows
 from multitoken.decoding.draft_length import DraftLengthPolicy
 from multitoken.decoding.loop import StepResult
 from multitoken.decoding.sampling import Sampler, accept_chain
-from multitoken.model.protocol import MTPDecoderModel
+from multitoken.model.protocol import MTPDecoderModel, supports_row_selection
 
 
 class ChainStep:
@@ -28,10 +28,13 @@ class ChainStep:
         self.model, self.sampler, self.tracker, self.k = model, sampler, tracker, k
         self.draft_model, self.policy = draft_model, policy
         self.extra_capacity = 2 * model.n_future + k + 2
+        self.can_select = draft_model is None or supports_row_selection(draft_model)
         self.drafter: DraftModelDrafter | None = None
         self.block: Tensor | None = None  # (B, 1 + depth) last step's [pending, drafts...]
 
     def start(self, state, rows: list[Tensor]) -> None:
+        if self.policy is not None:
+            self.policy.batch = len(rows)  # the verify pass costs what the whole batch costs
         if self.draft_model is not None:
             self.drafter = DraftModelDrafter(self.draft_model, rows, state.capacity + self.k + 2, self.sampler,
                                              self.tracker)
@@ -69,6 +72,12 @@ class ChainStep:
                 if on:
                     self.policy.update(result.accepted[b], depth)
 
+    def select(self, index: Tensor) -> None:
+        if self.policy is not None:
+            self.policy.batch = index.shape[0]
+        if self.drafter is not None:
+            self.drafter.select(index)
+
 
 class DraftModelDrafter:
     """A separate model drafts k tokens autoregressively; its cache follows the target's.
@@ -103,6 +112,12 @@ class DraftModelDrafter:
                 last = self.model.verify(self.state, tokens[-1][:, None])[:, 0]
                 self.model.accept(self.state, None, torch.ones_like(counts))
         return torch.stack(tokens, 1), torch.stack(all_logits, 1)
+
+    def select(self, index: Tensor) -> None:
+        """Keep only rows ``index`` (B',) long."""
+        self.state = self.model.select_rows(self.state, index)
+        self.unseen = [self.unseen[i] for i in index.tolist()]
+        self.base = None if self.base is None else self.base[index]
 
     def sync(self, block: Tensor, counts: Tensor, drafted: bool) -> None:
         """The target committed block[b, :counts[b]] (block = [pending, drafts...])."""

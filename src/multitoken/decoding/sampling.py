@@ -5,6 +5,8 @@ Both the target distribution p and the draft distribution q go through the same
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +25,13 @@ class Sampler:
     generator: torch.Generator | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise MultitokenError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise MultitokenError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
+        # `not x >= 0` (rather than `x < 0`) so NaN is refused too.
+        if not is_finite_number(self.temperature) or not self.temperature >= 0:
+            raise MultitokenError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, numbers.Integral) or isinstance(self.top_k, bool)
+                                       or self.top_k < 1):
+            raise MultitokenError(f"top_k must be an integer >= 1, got {self.top_k}")
+        if self.top_p is not None and not (is_finite_number(self.top_p) and 0 < self.top_p <= 1):
             raise MultitokenError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @property
@@ -59,6 +63,11 @@ class Sampler:
 
     def uniform(self, shape, device) -> Tensor:
         return torch.rand(shape, generator=self.generator, device=device)
+
+
+def is_finite_number(x) -> bool:
+    """A real number that is neither NaN nor infinite (bools are not numbers here)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def accept_chain(sampler: Sampler, target_logits: Tensor, drafts: Tensor, draft_logits: Tensor | None,

@@ -21,6 +21,9 @@ class GenerationStats:
     tokens_per_s: float = 0.0
     wall_s: float = 0.0
     tree_nodes_per_step: float = 0.0  # mode="tree": mean verified nodes per step
+    draft_lengths: list[int] = field(default_factory=list)  # verify steps by draft length chosen (0..num_draft)
+    tree_nodes: int = 0  # mode="tree", static tree: its draft nodes (root excluded), as chosen
+    chosen_by: str = ""  # how draft lengths / the tree were chosen (see multitoken.decoding.defaults)
 
     @staticmethod
     def mean_accept_length(tokens: int, row_passes: int) -> float:
@@ -42,6 +45,7 @@ class GenerationStats:
             accepted_histogram=tracker.histogram,
             tokens_per_s=new_tokens / wall_s if wall_s > 0 else 0.0, wall_s=wall_s,
             tree_nodes_per_step=tracker.node_sum / tracker.node_steps if tracker.node_steps else 0.0,
+            draft_lengths=tracker.depths,
         )
 
     def to_dict(self) -> dict:

@@ -7,7 +7,7 @@ import json
 import numbers
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -39,12 +39,14 @@ TREE_PRESETS: dict[str, int | None] = {"chain": None, "small": 8, "medium": 16, 
 DEFAULT_PRESET = "medium"
 
 
-def tree_preset(name: str, num_heads: int) -> list[list[int]]:
+def tree_preset(name: str, num_heads: int, vocab_size: int | None = None) -> list[list[int]]:
     """Paths of a named preset for a model with ``num_heads`` draft heads.
 
     ``chain``: the top-1 chain (same as mode="spec"); ``small`` / ``medium`` / ``large``:
     8 / 16 / 32 nodes built by :func:`build_tree` from a generic acceptance prior, e.g.
     ``small`` for 3 heads is [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [3]].
+    With ``vocab_size``, the preset fits that vocabulary: built from ranks below it only (so
+    a tiny vocabulary may give fewer nodes).
     """
     if name not in TREE_PRESETS:
         raise MultitokenError(f"unknown tree preset {name!r}; presets: {', '.join(TREE_PRESETS)}")
@@ -53,7 +55,8 @@ def tree_preset(name: str, num_heads: int) -> list[list[int]]:
     budget = TREE_PRESETS[name]
     if budget is None:
         return [[0] * d for d in range(1, num_heads + 1)]
-    return build_tree(prior_acceptance(num_heads, budget), budget)
+    top_k = budget if vocab_size is None else max(1, min(budget, vocab_size))
+    return build_tree(prior_acceptance(num_heads, top_k), budget)
 
 
 def expected_accept_length(paths, acc) -> float:
@@ -111,9 +114,52 @@ def build_tree(acc, budget: int) -> list[list[int]]:
     return [list(p) for p in sorted(chosen, key=lambda t: (len(t), t))]
 
 
-def parse_tree(spec, num_heads: int | None = None) -> list[list[int]]:
-    """A tree from user input: a preset name, a JSON list of paths, a list of paths, or the
-    path of a ``tree.json`` file / a model folder holding one."""
+def cost_aware_tree(acc, step_cost: Callable[[int, int], float],
+                    max_budget: int = 15) -> tuple[list[list[int]], list[dict]]:
+    """The static tree with the most expected tokens per cost: Medusa's tree (:func:`build_tree`)
+    for each node budget 1..max_budget from the acceptance table ``acc`` (num_heads, top_k),
+    scored by expected τ (:func:`expected_accept_length`) / ``step_cost(width, depth)`` (width:
+    nodes + root, depth: the deepest path, what drafting it takes). Returns (paths, one row
+    per distinct tree: {"nodes", "tau", "cost", "score"}); ties go to the smaller tree."""
+    best, rows, seen = None, [], set()
+    for budget in range(1, max_budget + 1):
+        paths = build_tree(acc, budget)
+        if len(paths) in seen:  # the table ran out of useful nodes: the same tree again
+            continue
+        seen.add(len(paths))
+        tau = expected_accept_length(paths, acc)
+        cost = step_cost(len(paths) + 1, max(len(p) for p in paths))
+        score = tau / cost if cost > 0 else float("inf")
+        rows.append({"nodes": len(paths), "tau": round(tau, 4), "cost": round(cost, 4), "score": round(score, 4)})
+        if best is None or score > best[0]:
+            best = (score, paths)
+    return best[1], rows
+
+
+def load_tree_acceptance(model_dir) -> Tensor | None:
+    """The top-k acceptance table (num_heads, top_k) float64 that :func:`save_tree` recorded in
+    ``model_dir``'s tree.json; None without the file or the table. A corrupt file raises MultitokenError."""
+    path = tree_file(model_dir)
+    if load_tree(model_dir) is None:  # also checks the file
+        return None
+    record = read_json(path, "tree file")
+    acc = record.get("acceptance") if isinstance(record, dict) else None
+    if acc is None:
+        return None
+    try:
+        table = torch.tensor(acc, dtype=torch.float64)
+    except (TypeError, ValueError) as e:
+        raise MultitokenError(f"corrupt tree file {path}: acceptance is not a table ({first_line(e)})") from None
+    if table.dim() != 2 or table.numel() == 0:
+        raise MultitokenError(f"corrupt tree file {path}: acceptance must be (num_heads, top_k), "
+                              f"got shape {tuple(table.shape)}")
+    return table
+
+
+def parse_tree(spec, num_heads: int | None = None, vocab_size: int | None = None) -> list[list[int]]:
+    """A tree from user input: a preset name (fitted to ``vocab_size`` when given, see
+    :func:`tree_preset`), a JSON list of paths, a list of paths, or the path of a ``tree.json``
+    file / a model folder holding one (those are taken as they are)."""
     if isinstance(spec, FlatTree):
         return [list(p) for p in spec.paths]
     if isinstance(spec, (str, os.PathLike)):
@@ -121,7 +167,7 @@ def parse_tree(spec, num_heads: int | None = None) -> list[list[int]]:
         if text in TREE_PRESETS:
             if num_heads is None:
                 raise MultitokenError("a tree preset needs the model's number of draft heads")
-            return tree_preset(text, num_heads)
+            return tree_preset(text, num_heads, vocab_size)
         if text.startswith("["):
             try:
                 spec = json.loads(text)
@@ -176,15 +222,16 @@ def load_tree(model_dir) -> list[list[int]] | None:
         raise MultitokenError(f"corrupt tree file {path}: {first_line(e)}") from None
 
 
-def resolve_tree(tree=None, model_dir=None, num_heads: int | None = None) -> list[list[int]]:
+def resolve_tree(tree=None, model_dir=None, num_heads: int | None = None,
+                 vocab_size: int | None = None) -> list[list[int]]:
     """What ``--mode tree`` uses: an explicit ``tree`` (see :func:`parse_tree`), else the
-    tree saved next to the model, else the default preset."""
+    tree saved next to the model, else the default preset (fitted to ``vocab_size`` when given)."""
     if tree is not None:
-        return parse_tree(tree, num_heads)
+        return parse_tree(tree, num_heads, vocab_size)
     if model_dir is not None:
         saved = load_tree(model_dir)
         if saved is not None:
             return [list(p) for p in validate_tree(saved, num_heads)]
     if num_heads is None:
         raise MultitokenError("resolving the default tree needs the model's number of draft heads")
-    return tree_preset(DEFAULT_PRESET, num_heads)
+    return tree_preset(DEFAULT_PRESET, num_heads, vocab_size)

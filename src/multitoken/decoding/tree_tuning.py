@@ -58,6 +58,11 @@ def measure_topk_acceptance(model: MTPDecoderModel, prompts, num_draft: int | No
     return hits / totals.clamp(min=1)[:, None]
 
 
+def tuning_top_k(budget: int, top_k: int | None, vocab_size: int) -> int:
+    """Candidates to measure per head: ``top_k``, by default min(budget, 10), never past the vocabulary."""
+    return min(top_k or min(budget, 10), vocab_size)
+
+
 def tune_tree(model: MTPDecoderModel, prompts, budget: int, num_draft: int | None = None, top_k: int | None = None,
               max_new_tokens: int = 64, batch_size: int = 16) -> list[list[int]]:
     """Measure per-head top-k acceptance on ``prompts`` and build the static tree of at most
@@ -66,6 +71,6 @@ def tune_tree(model: MTPDecoderModel, prompts, budget: int, num_draft: int | Non
     :func:`measure_topk_acceptance` and :func:`build_tree` yourself."""
     if not isinstance(budget, numbers.Integral) or isinstance(budget, bool) or budget < 1:
         raise MultitokenError(f"tree budget must be an integer >= 1, got {budget!r}")
-    top_k = min(top_k or min(budget, 10), model.vocab_size)
+    top_k = tuning_top_k(budget, top_k, model.vocab_size)
     acc = measure_topk_acceptance(model, prompts, num_draft, top_k, max_new_tokens, batch_size)
     return build_tree(acc, budget)

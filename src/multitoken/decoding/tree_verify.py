@@ -35,12 +35,13 @@ from multitoken.model.protocol import MTPDecoderModel
 
 def resolve_static_tree(tree, model: MTPDecoderModel) -> FlatTree:
     """The static tree ``tree`` (see :func:`~multitoken.decoding.tree_presets.resolve_tree`, or a
-    FlatTree) flattened for ``model``: no deeper than its draft heads, no rank past its vocabulary."""
+    FlatTree) flattened for ``model``: no deeper than its draft heads, no rank past its vocabulary
+    (a preset, the default included, is fitted to the vocabulary; explicit paths are refused)."""
     heads = model.n_future - 1
     if isinstance(tree, FlatTree):
         flat = flatten_tree(tree.paths, heads)
     else:
-        flat = flatten_tree(resolve_tree(tree, None, heads), heads)
+        flat = flatten_tree(resolve_tree(tree, None, heads, model.vocab_size), heads)
     if flat.top_k > model.vocab_size:
         raise MultitokenError(f"tree uses rank {flat.top_k - 1}, but the vocabulary has only "
                               f"{model.vocab_size} tokens")
@@ -75,7 +76,8 @@ class TreeStep:
             self.static = resolve_static_tree(tree, model).truncated(num_draft)
             width_max = self.static.width
         self.extra_capacity = width_max + model.n_future + 2
-        self.step_trees: dict[int, StepTree | None] = {}  # static tree per depth limit
+        self.step_trees: dict[int, StepTree | None] = {}  # static tree per depth limit, for this batch size
+        self.can_select = True
 
     def start(self, state, rows: list[Tensor]) -> None:
         self.batch, self.device = len(rows), rows[0].device
@@ -123,3 +125,7 @@ class TreeStep:
 
     def committed(self, result: StepResult, counts: Tensor, active: list[bool]) -> None:
         pass
+
+    def select(self, index: Tensor) -> None:
+        self.batch = index.shape[0]
+        self.step_trees.clear()  # static step trees are expanded to the batch size

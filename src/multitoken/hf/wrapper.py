@@ -3,14 +3,17 @@
 ``MTPHeadsForCausalLM(base, n_future, head_type)`` puts heads 1..n-1 (``residual``,
 ``linear`` or ``sequential``) on the base's final-norm hidden state (the ``lm_head`` input)
 and shares the base's ``lm_head`` and input embedding. Decoding runs Llama-family bases
-through :mod:`multitoken.hf.lean_forward` (the base's own modules over a static KV cache) and any
-other causal LM through its HF forward and ``DynamicCache``; either cache is rolled back or
-compacted after each verify, so `multitoken.generate` runs plain, self-speculative and tree
-decoding on it unchanged (batch 1).
+through :mod:`multitoken.hf.lean_forward` (the base's own modules over a static KV cache with
+per-row lengths, so a batch of prompts of different lengths decodes together) and any other
+causal LM through its HF forward and one ``DynamicCache`` per row (:mod:`multitoken.hf.hf_forward`,
+one row at a time); either cache is rolled back or compacted per row after each verify, so
+`multitoken.generate` runs plain, self-speculative and tree decoding on it unchanged.
+``from_pretrained`` / ``generate`` in HF's style: :mod:`multitoken.hf.generation`; heads files:
+:mod:`multitoken.hf.heads_files`.
 """
 from __future__ import annotations
 
-import inspect
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,23 +22,23 @@ from torch import Tensor, nn
 
 from multitoken.errors import MultitokenError, first_line
 from multitoken.hf.adapt import BaseAdaptationError, adapt_base, cache_layer, run_top_layers, trainable_base_state
+from multitoken.hf.generation import HFGenerationMixin
+from multitoken.hf.heads_files import (
+    BASE_PREFIX, HEADS_CONFIG, HEADS_WEIGHTS, check_heads_fit, read_heads_config, read_heads_weights,
+    split_base_weights,
+)
+from multitoken.hf.hf_forward import DynamicCacheRows, cache_keyword, hf_forward_rows
 from multitoken.hf.hidden_cache import hidden_at_layer
 from multitoken.hf.kernels import block_kernels, install_block_linears
 from multitoken.hf.lean_forward import LeanDecoderForward, lean_forward_unsupported
-from multitoken.hf.loading import HFTokenizer, load_base, model_identity, require_package
-from multitoken.io import atomic_write, read_json, write_json
+from multitoken.hf.loading import HFTokenizer
+from multitoken.io import atomic_write, write_json
 from multitoken.model.config import MTPConfig
 from multitoken.model.heads import HeadsDecodeState, SharedModules, build_heads
 from multitoken.model.layers import CommittedSequence, KVCache, RotaryEmbedding
-from multitoken.model.protocol import ConfigDecoderAttributes, DraftPicker
+from multitoken.model.protocol import ConfigDecoderAttributes, DraftPicker, check_row_index
 
 HF_HEAD_TYPES = ("residual", "linear", "sequential")
-HEADS_WEIGHTS, HEADS_CONFIG = "heads.safetensors", "heads_config.json"
-BASE_PREFIX = "base."  # trained base weights (train_base_layers) in heads.safetensors
-
-
-class HeadsMismatchError(MultitokenError):
-    """Heads trained for another base model or vocabulary."""
 
 
 def _rope_theta(cfg) -> float:
@@ -57,52 +60,9 @@ def heads_config_for(base_config, n_future: int, head_type: str, d_ff: int | Non
                      n_future=n_future, head_type=head_type, share_embeddings=head_type != "linear")
 
 
-class DynamicCacheAdapter:
-    """A transformers ``DynamicCache`` (batch 1) behind :class:`KVCache`'s ``commit`` / ``crop``.
-
-    HF's forward appends every block it sees; ``length`` counts the committed positions, and
-    ``commit`` keeps a prefix (a slice) or a tree path (a gather) of the last block.
-    """
-
-    def __init__(self, config):
-        require_package("transformers", "pip install transformers")
-        from transformers import DynamicCache
-        self.hf = DynamicCache(config=config)
-        self.length = 0
-
-    def drop_pending(self) -> None:
-        """Forget a block that was verified but never committed (HF appended it anyway)."""
-        if self.hf.get_seq_length() > self.length:
-            self._keep(self.length)
-
-    def commit(self, keep: Tensor | None, counts: Tensor) -> None:
-        count = int(counts[0])
-        if keep is None:
-            self._keep(self.length + count)
-        else:
-            self._keep(self.length, keep[0, :count])
-        self.length += count
-
-    def crop(self, lengths: Tensor) -> None:
-        self.length = int(lengths[0])
-        self._keep(self.length)
-
-    def _keep(self, length: int, path: Tensor | None = None) -> None:
-        """Keep the first ``length`` positions (a slice) and, for a tree, then the block offsets
-        ``path`` after them (a gather)."""
-        if path is not None:
-            index = torch.cat([torch.arange(length, device=path.device), length + path])
-        for layer in self.hf.layers:
-            if path is None:
-                layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
-            else:
-                layer.keys = layer.keys.index_select(2, index)
-                layer.values = layer.values.index_select(2, index)
-
-
 @dataclass
 class HFDecodeState:
-    cache: KVCache | DynamicCacheAdapter  # the lean forward's static cache, or HF's DynamicCache
+    cache: KVCache | DynamicCacheRows  # the lean forward's static cache, or one HF DynamicCache per row
     heads: HeadsDecodeState  # committed tokens and final-norm hidden states, plus head caches
     capacity: int
 
@@ -135,7 +95,7 @@ class DraftVocabHead(nn.Module):
         return full.index_copy_(-1, self.ids, small)
 
 
-class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
+class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module):
     """An HF causal LM (frozen, or with trained top layers) + MTP heads. Head 0 is the base's own head."""
 
     def __init__(self, base: nn.Module, n_future: int = 4, head_type: str = "residual", d_ff: int | None = None,
@@ -165,8 +125,7 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
             for p in self.base.parameters():
                 p.requires_grad_(False)
         self.heads.to(device=self._device(), dtype=self._dtype())
-        params = inspect.signature(type(self.base.base_model).forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = cache_keyword(self.base)  # what the HF forward takes its cache as
         self.draft_head: DraftVocabHead | None = None  # set_draft_vocab: drafts over N ids only
         self.fast_kernels = fast_kernels and self._device().type == "cpu" and self._dtype() == torch.float32 \
             and install_block_linears(self) > 0  # the base's linears and the heads'
@@ -247,42 +206,36 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
 
     # ----------------------------------------------------------------- decoding protocol
     def new_state(self, batch_size: int, capacity: int) -> HFDecodeState:
-        if batch_size != 1:
-            raise MultitokenError("Hugging Face models decode one prompt at a time here (batch size 1)")
         device, dtype = self._device(), self._dtype()
-        cache = self.lean_forward.new_cache(batch_size, capacity, dtype, device) \
-            if self.lean_forward is not None else DynamicCacheAdapter(self.base.config)
-        seq = CommittedSequence(1, capacity, self.cfg.d_model, dtype, device)
+        if self.lean_forward is not None:
+            cache = self.lean_forward.new_cache(batch_size, capacity, dtype, device)
+        else:
+            if batch_size > 1:  # Python shows a warning once per place: once, not per row or call
+                why = lean_forward_unsupported(self.base) or "fast_forward=False"
+                warnings.warn(f"this base decodes a batch one row at a time (HF forward, no lean forward: {why})",
+                              stacklevel=2)
+            cache = DynamicCacheRows(self.base.config, batch_size)
+        seq = CommittedSequence(batch_size, capacity, self.cfg.d_model, dtype, device)
         return HFDecodeState(cache, self.heads.new_decode_state(seq), capacity)
+
+    def select_rows(self, state: HFDecodeState, index: Tensor) -> HFDecodeState:
+        """A state holding only rows ``index`` (B',) long, in that order (the decode loop drops
+        finished rows with it)."""
+        check_row_index(index, state.lengths.shape[0])
+        index = index.to(state.lengths.device)
+        return HFDecodeState(state.cache.select(index), state.heads.select(index), state.capacity)
 
     @torch.no_grad()
     def verify(self, state: HFDecodeState, tokens: Tensor, tree_mask: Tensor | None = None,
                depths: Tensor | None = None) -> Tensor:
         with block_kernels(self.fast_kernels):
             if self.lean_forward is not None:
-                hidden = self.lean_forward(tokens, state.cache, depths, tree_mask)  # (1, W, d) final-norm
+                hidden = self.lean_forward(tokens, state.cache, depths, tree_mask)  # (B, W, d) final-norm
             else:
-                hidden = self._hf_forward(state, tokens, tree_mask, depths)
+                hidden = hf_forward_rows(self.base, self.cache_kw, state.cache, tokens, tree_mask, depths)
             logits = self.lm_head(hidden).float()
         self.heads.on_verify(state.heads, tokens, hidden)
         return logits
-
-    def _hf_forward(self, state: HFDecodeState, tokens: Tensor, tree_mask: Tensor | None,
-                    depths: Tensor | None) -> Tensor:
-        """The base's own forward over a ``DynamicCache`` -> final-norm hidden (1, W, d)."""
-        length, width = int(state.lengths[0]), tokens.shape[1]
-        if depths is None:
-            depths = torch.arange(width, device=tokens.device)
-        state.cache.drop_pending()  # keeps "nothing is committed until accept" (e.g. timing repeated verifies)
-        positions = (length + depths.reshape(-1, width)[:1]).to(tokens.device)  # (1, W)
-        kwargs = {self._cache_kw: state.cache.hf, "position_ids": positions, "use_cache": True}
-        if tree_mask is not None:
-            tm = tree_mask.reshape(-1, width, width)[:1].to(tokens.device)
-            prefix = torch.ones(1, width, length, dtype=torch.bool, device=tokens.device)
-            mask = torch.cat([prefix, tm], dim=2)[:, None]  # (1, 1, W, L + W) True = attend
-            kwargs["attention_mask"] = torch.zeros(mask.shape, dtype=self._dtype(), device=tokens.device) \
-                .masked_fill(~mask, torch.finfo(self._dtype()).min)
-        return self.base.base_model(input_ids=tokens, **kwargs).last_hidden_state
 
     @torch.no_grad()
     def accept(self, state: HFDecodeState, keep: Tensor | None, counts: Tensor) -> None:
@@ -322,66 +275,35 @@ class MTPHeadsForCausalLM(ConfigDecoderAttributes, nn.Module):
                    fast_kernels: bool = True, fast_forward: bool = True) -> "MTPHeadsForCausalLM":
         """Attach saved heads to ``base``; refuse heads trained for another base or vocabulary."""
         heads_dir = Path(heads_dir)
-        meta, cfg = _read_heads_config(heads_dir)
-        if cfg.vocab_size != base.config.vocab_size or cfg.d_model != base.config.hidden_size:
-            raise HeadsMismatchError(f"heads in {heads_dir} were trained for a base with vocab_size={cfg.vocab_size}, "
-                                     f"d_model={cfg.d_model}; this base has vocab_size={base.config.vocab_size}, "
-                                     f"d_model={base.config.hidden_size}")
-        saved = meta.get("base") or {}
-        if identity and saved.get("fingerprint") and identity.get("fingerprint") != saved["fingerprint"]:
-            raise HeadsMismatchError(f"heads in {heads_dir} were trained for base {saved.get('name') or '?'} "
-                                     f"(fingerprint {saved['fingerprint']}), not this one ({identity.get('fingerprint')})")
+        meta, cfg = read_heads_config(heads_dir)
+        check_heads_fit(base.config, heads_dir, meta, cfg, identity)
         adaptation = meta.get("base_adaptation") or {}
-        model = cls(base, cfg.n_future, cfg.head_type, d_ff=cfg.d_ff, identity=identity or saved,
+        model = cls(base, cfg.n_future, cfg.head_type, d_ff=cfg.d_ff, identity=identity or meta.get("base") or {},
                     fast_kernels=fast_kernels, fast_forward=fast_forward,
                     train_base_layers=int(adaptation.get("layers", 0)),
                     lora_rank=int(adaptation.get("lora_rank", 0)))
-        state = _read_heads_weights(heads_dir)
-        trained = {k[len(BASE_PREFIX):]: v for k, v in state.items() if k.startswith(BASE_PREFIX)}
+        head_state, trained = split_base_weights(read_heads_weights(heads_dir))
         expected = set(trainable_base_state(model.base))
         if set(trained) != expected:
             raise MultitokenError(f"{heads_dir / HEADS_WEIGHTS} holds trained base weights {sorted(trained)[:3]}... "
                                   f"but the recorded adaptation {adaptation} expects {sorted(expected)[:3]}...")
         if trained:
             model.base.load_state_dict(trained, strict=False)
-        model.heads.load_state_dict({k: v for k, v in state.items() if not k.startswith(BASE_PREFIX)})
+        model.heads.load_state_dict(head_state)
         if meta.get("draft_vocab") is not None:
             try:
                 model.set_draft_vocab(meta["draft_vocab"])
             except (ValueError, TypeError, RuntimeError) as e:
                 raise MultitokenError(f"corrupt draft_vocab in {heads_dir / HEADS_CONFIG}: {first_line(e)}") from None
+        model.heads_dir = heads_dir
         return model
 
 
-def _read_heads_config(heads_dir: Path) -> tuple[dict, MTPConfig]:
-    """(heads_config.json, its MTPConfig); a missing file is FileNotFoundError, a bad one MultitokenError."""
-    path = heads_dir / HEADS_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"no {HEADS_CONFIG} in {heads_dir}: not a heads directory")
-    meta = read_json(path, "heads config")
-    try:
-        return meta, MTPConfig.from_dict(meta["heads"])
-    except (KeyError, TypeError) as e:
-        raise MultitokenError(f"corrupt {path}: {first_line(e)}") from None
-
-
-def _read_heads_weights(heads_dir: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-    path = heads_dir / HEADS_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"no {HEADS_WEIGHTS} in {heads_dir}")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise MultitokenError(f"corrupt {path}: {first_line(e)}") from None
-
-
-def load_heads_model(base: str, heads_dir: str | None, dtype: torch.dtype | str = torch.float32,
+def load_heads_model(base: str, heads: str | None, dtype: torch.dtype | str = torch.float32,
                      fast_kernels: bool = True, fast_forward: bool = True):
-    """(MTPHeadsForCausalLM with the saved heads, HFTokenizer) for `generate --base ... --heads ...`."""
-    if heads_dir is None:  # checked before the (slow) base load
-        raise MultitokenError("--base needs --heads DIR (heads trained with `multitoken heads train`)")
-    model, tokenizer = load_base(base, dtype)
-    heads = MTPHeadsForCausalLM.from_heads(model, heads_dir, model_identity(model, tokenizer),
-                                           fast_kernels=fast_kernels, fast_forward=fast_forward)
-    return heads.eval(), HFTokenizer(tokenizer)
+    """(MTPHeadsForCausalLM with the saved heads, HFTokenizer) for `generate --base ... [--heads ...]`:
+    ``heads`` is a folder, a shipped name, or None for the heads shipped for ``base``
+    (:meth:`MTPHeadsForCausalLM.from_pretrained`)."""
+    model = MTPHeadsForCausalLM.from_pretrained(base, heads, dtype=dtype, fast_kernels=fast_kernels,
+                                                fast_forward=fast_forward)
+    return model, HFTokenizer(model.tokenizer)

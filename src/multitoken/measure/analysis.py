@@ -256,9 +256,10 @@ def speedup_bounds(result: dict | list) -> list[dict]:
 def analyze(cfg: MTPConfig, seq_len: int | None = None, batch_size: int = 1, chunk_size: int | None = None,
             bench: dict | list | str | Path | None = None) -> dict:
     """Every analysis for one config (and a decoding bench result or JSON file, if given)."""
-    T = seq_len or cfg.max_seq_len
-    if T < 1 or batch_size < 1:
-        raise MultitokenError(f"invalid seq_len={T} / batch_size={batch_size}; allowed: integers >= 1")
+    for name, v in (("seq_len", seq_len), ("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise MultitokenError(f"invalid {name}={v!r}; allowed: an integer >= 1")
+    T = cfg.max_seq_len if seq_len is None else seq_len  # 0 is an error above, never "the default"
     if T > cfg.max_seq_len:
         raise MultitokenError(f"seq_len {T} exceeds the config's max_seq_len={cfg.max_seq_len}")
     no_heads = cfg.replace(n_future=1)

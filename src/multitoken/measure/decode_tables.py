@@ -1,7 +1,7 @@
 """Text of decoding results: the benchmark's markdown table and the demo's console table."""
 from __future__ import annotations
 
-from multitoken.measure.decode import LABELS
+from multitoken.measure.decode import DECODERS, MASKED, decoder_label
 from multitoken.measure.machine import describe_machine
 
 
@@ -17,6 +17,11 @@ def _setup_line(result: dict) -> str:
               + (" max (EOS stops)" if result.get("eos_id") is not None else "")]
     if result.get("chat"):
         parts.append("chat template applied")
+    if result.get("batch_size", 1) > 1:
+        ref = _reference_label(result)
+        parts.append(f"batch size {result['batch_size']} (prompts of one group decoded together; tokens/s = all "
+                     f"rows' new tokens / wall time); identical = each row equals the prompt's own single-prompt "
+                     f"{ref} output")
     if any(r["decoder"] == "hf_pld" for r in result["rows"]):
         parts.append(f"prompt lookup with prompt_lookup_num_tokens={result['pld_tokens']}")
     return "; ".join(p for p in parts if p)
@@ -38,10 +43,15 @@ def verify_cost_markdown(verify: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _reference_label(result: dict) -> str:
+    ref = result.get("reference")
+    return decoder_label(ref) if ref and ref.removesuffix(MASKED) in DECODERS else "the first row"
+
+
 def decode_markdown(result: dict, title: str) -> str:
     """A :func:`~multitoken.measure.decode_run.run_decode_bench` result as markdown: machine and
     settings, one table per prompt group (one table when prompts have no groups), verify cost."""
-    reference = LABELS.get(result.get("reference"), result.get("reference", "the first row"))
+    reference = _reference_label(result)
     lines = [f"### {title}", "", _setup_line(result), ""]
     groups = list(dict.fromkeys(r["group"] for r in result["rows"]))
     for group in groups:

@@ -1,18 +1,68 @@
-"""The demo's decoding half: one prompt decoded plainly, self-speculatively and with a tree
-(greedy, then sampled) in one process, as text for the console."""
+"""What ``multitoken demo`` shows: a real chat model answering a few requests, decoded by HF's own
+``generate`` (the reference), multitoken plain, chain and tree decoding through its MTP heads, with
+the answer text once and a table of τ, acceptance, tokens/s, speed-up and identity; and, with
+``--native``, a small MTP model trained from scratch (:func:`native_demo`)."""
 from __future__ import annotations
 
 import torch
 
 from multitoken.decoding import generate, resolve_tree
+from multitoken.measure.decode import LABELS, bench_decode
 from multitoken.measure.decode_tables import demo_table
+
+# One code and one prose request of the benchmark set (data/bench_requests.jsonl), and a completion one.
+DEMO_REQUESTS = ("code-03", "prose-02", "complete-01")
+CHAT_DECODERS = ("hf", "ar", "spec", "tree")
+
+
+def chat_demo(model, tokenizer, request_ids=DEMO_REQUESTS, max_new_tokens: int = 128,
+              progress: bool = False) -> tuple[str, bool]:
+    """(text to print, every multitoken decoder reproduced HF greedy) for an MTP-headed HF chat model.
+
+    model: :class:`~multitoken.hf.MTPHeadsForCausalLM`; tokenizer: its :class:`~multitoken.hf.HFTokenizer`.
+    Runs :func:`~multitoken.measure.decode.bench_decode` (decoders interleaved per request, HF greedy
+    first, EOS stops) on the requests ``request_ids`` of :func:`multitoken.data.load_bench_requests`."""
+    from multitoken.data import load_bench_requests
+    from multitoken.errors import MultitokenError
+    from multitoken.hf import chat_ids
+
+    by_id = {r.id: r for r in load_bench_requests()}
+    unknown = [i for i in request_ids if i not in by_id]
+    if unknown:
+        raise MultitokenError(f"unknown request id {unknown[0]!r}; ids look like {', '.join(list(by_id)[:3])}, ...")
+    requests = [by_id[i] for i in request_ids]
+    prompts = [(r.group, chat_ids(tokenizer.hf, r.prompt)) for r in requests]
+    result = bench_decode(model, prompts, CHAT_DECODERS, max_new_tokens, eos_id=tokenizer.eos_id,
+                          progress=progress, keep_tokens=True)
+    rule = "-" * 72
+    parts = []
+    for r, rec in zip(requests, result["per_prompt"]):
+        parts += [rule, f"user ({r.group}): {r.prompt}", rule, tokenizer.decode(rec["hf"]["ids"]).strip()]
+    parts += [rule, _table([row for row in result["rows"] if row["group"] == "all"]), ""]
+    identical = all(row["identical"] for row in result["rows"])
+    parts.append("identical: every multitoken decoder emitted exactly HF greedy's tokens on every request"
+                 if identical else "NOT IDENTICAL: a decoder's output differs from HF greedy (a bug: please report)")
+    return "\n".join(parts), identical
+
+
+def _table(rows: list[dict]) -> str:
+    """Console table of the pooled benchmark rows (first row = HF greedy, the reference)."""
+    head = f"{'decoder':<26}{'tau':>6}{'tok/s':>8}{'speed-up':>10}  identical  acceptance per head"
+    lines = [head]
+    for r in rows:
+        tau = f"{r['tau']:.2f}" if "tau" in r else "-"
+        acc = " ".join(f"{a:.2f}" for a in r.get("acceptance_rates") or []) or "-"
+        lines.append(f"{LABELS[r['decoder']]:<26}{tau:>6}{r['tokens_per_s']:>8.1f}{r['speedup']:>9.2f}x  "
+                     f"{'yes' if r['identical'] else 'NO':<9}  {acc}")
+    return "\n".join(lines)
+
 
 DEMO_PROMPT = "import os\nimport sys\n\n\ndef main(argv=None):\n    \"\"\"Parse the command line.\"\"\"\n"
 SAMPLING = dict(temperature=0.8, top_p=0.95, seed=0)  # greedy text of a minutes-old byte model degenerates
 
 
-def demo_decode(ckpt, prompt: str = DEMO_PROMPT, max_new_tokens: int = 256) -> tuple[str, bool]:
-    """(text to print, every greedy decoder reproduced plain decoding) for a checkpoint."""
+def native_demo(ckpt, prompt: str = DEMO_PROMPT, max_new_tokens: int = 256) -> tuple[str, bool]:
+    """(text to print, every greedy decoder reproduced plain decoding) for a native checkpoint."""
     from multitoken.training import load_model
 
     model, tokenizer = load_model(ckpt)
@@ -24,7 +74,7 @@ def demo_decode(ckpt, prompt: str = DEMO_PROMPT, max_new_tokens: int = 256) -> t
     greedy = [("plain", plain)]
     sampled = []
     if model.n_future > 1:
-        tree = resolve_tree(None, ckpt, model.n_future - 1)
+        tree = resolve_tree(None, ckpt, model.n_future - 1, model.vocab_size)
         greedy += [("self-speculative", generate(model, ids, max_new_tokens, mode="spec", eos_id=eos)),
                    ("tree", generate(model, ids, max_new_tokens, mode="tree", tree=tree, eos_id=eos))]
         sampled = [("plain, sampled T=0.8", generate(model, ids, max_new_tokens, eos_id=eos, **SAMPLING)),

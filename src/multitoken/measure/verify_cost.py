@@ -1,23 +1,17 @@
-"""Verify-pass cost by block width: which tree node budget the hardware affords."""
+"""Verify-pass cost by block width: which tree node budget the hardware affords (the
+benchmark's table; decoding's own calibration, :mod:`multitoken.decoding.cost`, shares the timing core)."""
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Sequence
 
 import torch
 
-from multitoken.decoding import build_tree, flatten_tree, prior_acceptance
-from multitoken.decoding.batch import device_of
+from multitoken.decoding.cost import PassTimer, sync
 from multitoken.errors import MultitokenError
 from multitoken.model.protocol import MTPDecoderModel
 
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA kernels run asynchronously), so a wall-clock
-    timer around a forward pass measures the pass; a no-op on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+__all__ = ["verify_cost_by_width", "sync"]
 
 
 @torch.no_grad()
@@ -35,33 +29,11 @@ def verify_cost_by_width(model: MTPDecoderModel, widths: Sequence[int], prefix_l
         raise MultitokenError(f"widths must be integers >= 1, got {widths}")
     if repeats < 1:
         raise MultitokenError(f"repeats must be >= 1, got {repeats}")
-    heads = max(model.n_future - 1, 1)
-    trees = {w: flatten_tree(build_tree(prior_acceptance(heads, w), w - 1)) if w > 1 else None for w in widths}
-    deepest = max(t.max_depth if t else 0 for t in trees.values())
-    if prefix_len < 1 or prefix_len + deepest >= model.max_seq_len:
-        raise MultitokenError(f"prefix_len must be in [1, {model.max_seq_len - deepest - 1}] for this model, "
-                              f"got {prefix_len}")
-    device = device_of(model)
-    gen = torch.Generator().manual_seed(seed)
-    prefix = torch.randint(0, model.vocab_size, (batch_size, prefix_len), generator=gen).to(device)
     out = []
     with torch.inference_mode():
-        state = model.new_state(batch_size, prefix_len + max(widths) + 1)
-        model.verify(state, prefix)
-        model.accept(state, None, torch.full((batch_size,), prefix_len, device=device))
+        timer = PassTimer(model, batch_size, prefix_len, max(widths), seed)
         for w in widths:
-            t = trees[w]
-            block = torch.randint(0, model.vocab_size, (batch_size, w), generator=gen).to(device)
-            mask = t.mask.to(device) if t else None
-            depths = t.depths.to(device) if t else None
-            times = []
-            for i in range(repeats + 1):  # the first pass warms up
-                sync(device)
-                start = time.perf_counter()
-                model.verify(state, block, mask, depths)  # nothing is accepted: the cache is unchanged
-                sync(device)
-                if i:
-                    times.append(time.perf_counter() - start)
+            times = timer.verify(w, repeats)
             out.append({"width": w, "seconds": statistics.median(times), "min_seconds": min(times)})
     smallest = min(out, key=lambda r: r["width"])["seconds"]
     for r in out:

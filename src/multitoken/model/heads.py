@@ -20,7 +20,7 @@ depend on them, and ``tests/model/test_heads.py`` pins them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -51,6 +51,10 @@ class HeadsDecodeState:
 
     seq: CommittedSequence  # the owner's committed tokens and final-norm hidden states
 
+    def select(self, index: Tensor) -> "HeadsDecodeState":
+        """The state of rows ``index`` (B',) long only, in that order (a copy)."""
+        return replace(self, seq=self.seq.select(index))
+
 
 @dataclass
 class TransformerDecodeState(HeadsDecodeState):
@@ -58,11 +62,20 @@ class TransformerDecodeState(HeadsDecodeState):
     pending: Tensor | None = None  # (B, W, n-1, d) head outputs of the last verify
     last: Tensor | None = None  # (B, n-1, d) head outputs at the last committed position
 
+    def select(self, index: Tensor) -> "TransformerDecodeState":
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return replace(self, seq=self.seq.select(index), cache=None if self.cache is None else self.cache.select(index),
+                       pending=pick(self.pending), last=pick(self.last))
+
 
 @dataclass
 class SequentialDecodeState(HeadsDecodeState):
     caches: list[KVCache] = field(default_factory=list)  # one per depth; depth j lags the trunk by j
     chain: Tensor | None = None  # (n-2, B, S, d) chain states h_1..h_{n-2} per position
+
+    def select(self, index: Tensor) -> "SequentialDecodeState":
+        return replace(self, seq=self.seq.select(index), caches=[c.select(index) for c in self.caches],
+                       chain=None if self.chain is None else self.chain[:, index])
 
 
 class ResidualMLP(nn.Module):

@@ -7,6 +7,7 @@ tokens and hidden states the heads read while decoding.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -158,6 +159,12 @@ class KVCache:
             raise ValueError("crop can only shorten the cache")
         self.lengths = new.clone()
 
+    def select(self, index: Tensor) -> "KVCache":
+        """A cache holding only rows ``index`` (B',) long, in that order (a copy; self is unchanged)."""
+        out = copy.copy(self)
+        out.k, out.v, out.lengths = self.k[:, index], self.v[:, index], self.lengths[index]
+        return out
+
 
 class CommittedSequence:
     """Per-row committed tokens and trunk hidden states (head inputs), plus the pending block.
@@ -188,6 +195,14 @@ class CommittedSequence:
         self.hidden[rows[valid], dst[valid]] = hidden[rows[valid], keep[valid]].to(self.hidden.dtype)
         self.lengths = self.lengths + counts
         self._pending = None
+
+    def select(self, index: Tensor) -> "CommittedSequence":
+        """The rows ``index`` (B',) long, in that order, pending block included (a copy)."""
+        out = copy.copy(self)
+        out.tokens, out.hidden, out.lengths = self.tokens[index], self.hidden[index], self.lengths[index]
+        if self._pending is not None:
+            out._pending = (self._pending[0][index], self._pending[1][index])
+        return out
 
     def last_hidden(self) -> Tensor:
         """(B, d) hidden state at each row's last committed position."""

@@ -2,7 +2,7 @@
 
 Architecture only. Training lives in :mod:`multitoken.training`; decoding algorithms live in
 :mod:`multitoken.decoding` and reach this model only through the protocol methods
-``new_state`` / ``verify`` / ``accept`` / ``crop`` / ``draft`` (see :mod:`multitoken.model.protocol`).
+``new_state`` / ``verify`` / ``accept`` / ``crop`` / ``draft`` / ``select_rows`` (see :mod:`multitoken.model.protocol`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from multitoken.model.heads import HeadsDecodeState, SharedModules, build_heads
 from multitoken.model.layers import (
     Block, CommittedSequence, KVCache, PassContext, RMSNorm, RotaryEmbedding, causal_context,
 )
-from multitoken.model.protocol import ConfigDecoderAttributes, DraftPicker
+from multitoken.model.protocol import ConfigDecoderAttributes, DraftPicker, check_row_index
 
 
 @dataclass
@@ -33,6 +33,10 @@ class NativeDecodeState:
     @property
     def capacity(self) -> int:
         return self.cache.capacity
+
+    def select(self, index: Tensor) -> "NativeDecodeState":
+        """The rows ``index`` (B',) long only, in that order (a copy)."""
+        return NativeDecodeState(self.cache.select(index), self.heads.select(index))
 
 
 def check_token_ids(tokens: Tensor, vocab_size: int) -> None:
@@ -140,6 +144,10 @@ class MTPModel(ConfigDecoderAttributes, nn.Module):
     def crop(self, state: NativeDecodeState, lengths: Tensor) -> None:
         state.cache.crop(lengths)
         self.heads.crop(state.heads, state.cache.lengths)
+
+    def select_rows(self, state: NativeDecodeState, index: Tensor) -> NativeDecodeState:
+        check_row_index(index, state.lengths.shape[0])
+        return state.select(index.to(state.lengths.device))
 
     @torch.no_grad()
     def draft(self, state: NativeDecodeState, next_tokens: Tensor, num_draft: int,

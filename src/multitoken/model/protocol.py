@@ -12,11 +12,25 @@ in the cache yet: it is the first input of the next ``verify`` call. ``verify`` 
 ``lengths[b] .. lengths[b] + W - 1`` without committing them; ``accept`` then commits a
 chosen subset (a prefix for chains, a root-to-leaf path for trees), moving those entries
 into contiguous positions and discarding the rest.
+
+Optional: ``select_rows(state, index)`` (:class:`RowSelectingModel`) returns a state holding only
+some rows, so a batch can drop rows that finished (EOS or max_new_tokens) and stop paying for
+them; a model without it keeps finished rows in the batch, committing nothing
+(:func:`supports_row_selection` tells which).
+
+Optional hints for the decoders' cost-aware defaults (:class:`DecodeHints`; absent = None):
+``draft_acceptance`` (num_heads, top_k) P(rank r of head j+1 is the base's next token), from
+which tree decoding builds the tree with the best expected tokens per cost on this machine;
+``draft_tree``, a saved tree (list of paths) to use when there is no table; ``cost_key``, a
+dict of settings that change pass costs (e.g. which kernels the forward uses), so a
+calibration made under other settings is not reused; ``identity``, a dict whose
+``fingerprint`` names the weights. :func:`decode_hint` reads them.
 """
 from __future__ import annotations
 
 from typing import Callable, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from multitoken.errors import MultitokenError
@@ -75,6 +89,51 @@ class MTPDecoderModel(Protocol):
         position and tokens[:, j] = pick(logits[:, j], j).
         """
         ...
+
+
+@runtime_checkable
+class RowSelectingModel(MTPDecoderModel, Protocol):
+    """A decoder model that can shrink a batch (the optional part of the protocol)."""
+
+    def select_rows(self, state: DecodeState, index: Tensor) -> DecodeState:
+        """A state holding only rows ``index`` ((B',) long, in that order) of ``state``: their
+        caches, committed lengths, head decode state and committed sequence. Called between
+        steps (after ``accept``); ``state`` itself must not be used afterwards."""
+        ...
+
+
+@runtime_checkable
+class DecodeHints(Protocol):
+    """What a model may tell the decoders' defaults (see the module docstring); each may be None."""
+
+    draft_acceptance: Tensor | None  # (num_heads, top_k) float
+    draft_tree: list[list[int]] | None  # paths of a saved static tree
+    cost_key: dict | None  # settings that change pass costs
+    identity: dict | None  # {"fingerprint": ..., ...}
+
+
+HINTS = ("draft_acceptance", "draft_tree", "cost_key", "identity")
+
+
+def decode_hint(model, name: str):
+    """The optional hint ``name`` of :data:`HINTS` that ``model`` offers, else None."""
+    if name not in HINTS:
+        raise KeyError(f"unknown decode hint {name!r}; hints: {', '.join(HINTS)}")
+    return getattr(model, name, None)
+
+
+def supports_row_selection(model) -> bool:
+    """Whether ``model`` implements the optional ``select_rows``."""
+    return callable(getattr(model, "select_rows", None))
+
+
+def check_row_index(index: Tensor, batch: int) -> None:
+    """``select_rows``'s index: 1-D integer, each entry a row of a batch of ``batch``, none twice."""
+    if index.dim() != 1 or index.dtype not in (torch.long, torch.int32, torch.int64):
+        raise TypeError(f"select_rows needs a 1-D integer index, got {index.dtype} of shape {tuple(index.shape)}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= batch
+                          or index.unique().numel() != index.numel()):
+        raise IndexError(f"select_rows index {index.tolist()} is not a set of distinct rows of a batch of {batch}")
 
 
 class ConfigDecoderAttributes:

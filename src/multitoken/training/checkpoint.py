@@ -8,6 +8,7 @@ Layout of a run directory ``out/`` and of the checkpoint inside it::
                    train_config.json   the TrainConfig (optional: inference-only checkpoints omit it)
                    trainer_state.pt    optimizer, scheduler, step, tokens seen, RNG (optional)
                    eval.json           the latest validation metrics (optional)
+                   manifest.json       the files above, written by multitoken (``manifest.py``)
     out/metrics.jsonl                  written by the trainer, not part of the checkpoint
 
 Atomicity: a checkpoint is written into ``checkpoint.tmp/``, then ``checkpoint/`` is renamed to
@@ -15,6 +16,11 @@ Atomicity: a checkpoint is written into ``checkpoint.tmp/``, then ``checkpoint/`
 Each rename is atomic, so a process killed at any moment leaves ``checkpoint/`` or (between the
 two renames) ``checkpoint.old/`` complete; :func:`find_checkpoint` looks at both, in that order.
 A directory named ``checkpoint.tmp`` is never trusted.
+
+Ownership: only the files a checkpoint's manifest lists are replaced or deleted. Anything else
+in ``checkpoint/`` (a user's notes, the ``tree.json`` that ``tune-tree`` saves) moves into each
+new checkpoint (:func:`kept_files` names them); a save that would overwrite such a file refuses
+before it writes anything (:func:`check_replaceable`).
 
 Everything here raises :class:`CheckpointError` or :class:`CheckpointNotFoundError` (also a
 FileNotFoundError), both :class:`~multitoken.errors.MultitokenError`, with a one-line message.
@@ -33,8 +39,12 @@ from torch import nn
 from multitoken.model.config import MTPConfig
 from multitoken.model.native import MTPModel
 from multitoken.data import Tokenizer, load_tokenizer
+from multitoken.data.tokenizer import BPE_FILE, CONFIG_NAME as TOKENIZER_CONFIG
 from multitoken.errors import MultitokenError, first_line
 from multitoken.io import read_json, write_json
+from multitoken.training.manifest import (
+    MANIFEST, first_file, foreign_entries, move_entries, read_manifest, remove_ours, run_files, write_manifest,
+)
 
 CHECKPOINT = "checkpoint"  # name of the current checkpoint inside a run directory
 WEIGHTS = "model.safetensors"
@@ -46,6 +56,9 @@ _TMP_SUFFIX = ".tmp"
 _OLD_SUFFIX = ".old"
 _TIED_KEY = "multitoken.tied"  # safetensors metadata: JSON {alias: saved name}
 FORMAT_VERSION = 1
+KIND = "checkpoint"  # the manifest kind of a checkpoint folder
+# Every name a checkpoint may hold: never the user's (a save refuses to overwrite one it did not write).
+CHECKPOINT_FILES = (WEIGHTS, MODEL_CONFIG, TOKENIZER_CONFIG, BPE_FILE, TRAIN_CONFIG, TRAINER_STATE, EVAL, MANIFEST)
 
 
 class CheckpointError(MultitokenError):
@@ -156,18 +169,69 @@ def _fsync_tree(d: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def _folders(run_dir: Path, name: str) -> tuple[Path, Path, Path]:
+    """(final, old, tmp) folders of checkpoint ``name`` in ``run_dir``."""
+    return run_dir / name, run_dir / (name + _OLD_SUFFIX), run_dir / (name + _TMP_SUFFIX)
+
+
+def _stale_tmp_is_ours(tmp: Path) -> Path | None:
+    """None when a leftover temp folder holds only what a killed save writes (our manifest, or
+    without one only checkpoint file names and their atomic-write temps); else the first other entry."""
+    if read_manifest(tmp, KIND) is not None:
+        return None
+    for p in sorted(tmp.iterdir()):
+        if not any(p.name == f or (p.name.startswith(f".{f}.") and p.name.endswith(".tmp"))
+                   for f in CHECKPOINT_FILES):
+            return p
+    return None
+
+
+def check_replaceable(run_dir: str | os.PathLike, name: str = CHECKPOINT) -> None:
+    """Refuse, before any work, a save into ``run_dir/name`` that would overwrite or delete a
+    file the project did not write (:class:`CheckpointError` naming it)."""
+    final, old, tmp = _folders(Path(run_dir), name)
+    for d in (final, old, tmp):
+        if (d.exists() or d.is_symlink()) and not d.is_dir():
+            raise CheckpointError(f"{d} is not a folder (a checkpoint is written there); move it away")
+    for d in (final, old):
+        for p in foreign_entries(d, KIND):
+            if p.name in CHECKPOINT_FILES:
+                raise CheckpointError(f"{p} was not written by multitoken and a checkpoint would replace it; "
+                                      "move it away")
+    both = {p.name for p in foreign_entries(final, KIND)} & {p.name for p in foreign_entries(old, KIND)}
+    if both:
+        raise CheckpointError(f"{old / min(both)} was not written by multitoken and {final / min(both)} "
+                              "exists too; move one of them away")
+    if tmp.is_dir():
+        other = _stale_tmp_is_ours(tmp)
+        if other is not None:
+            raise CheckpointError(f"{first_file(other)} was not written by multitoken; move it out of {tmp} "
+                                  "(multitoken writes checkpoints there)")
+
+
+def kept_files(ckpt: str | os.PathLike) -> list[str]:
+    """Names of the entries in checkpoint folder ``ckpt`` that multitoken did not write (kept
+    across saves: a user's notes, a tuned ``tree.json``)."""
+    return [p.name for p in foreign_entries(Path(ckpt), KIND)]
+
+
 def _commit(tmp: Path, final: Path) -> None:
-    """Publish ``tmp`` as ``final``, keeping a complete checkpoint on disk at every instant."""
+    """Publish ``tmp`` as ``final``, keeping a complete checkpoint on disk at every instant and
+    moving the user's entries of the folders it replaces into it (never deleting them)."""
     old = final.with_name(final.name + _OLD_SUFFIX)
-    if _is_checkpoint(final):
+    if final.exists():
         if old.exists():
-            shutil.rmtree(old)  # final is complete, so old is redundant
-        os.rename(final, old)
-    elif final.exists():
-        shutil.rmtree(final)  # not a checkpoint (e.g. an empty folder): nothing to keep
+            # Killed mid-commit before: keep the complete one of the two aside as `old`.
+            src, dst = (old, final) if _is_checkpoint(final) else (final, old)
+            move_entries(src, dst, KIND)
+            if not remove_ours(src, KIND):
+                raise CheckpointError(f"cannot replace {final}: {first_file(src)} is not multitoken's")
+        if final.exists():
+            os.rename(final, old)
     os.rename(tmp, final)
     if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        move_entries(old, final, KIND)
+        remove_ours(old, KIND)
 
 
 def save_checkpoint(run_dir: str | os.PathLike, model: MTPModel, tokenizer: Tokenizer, *,
@@ -175,16 +239,18 @@ def save_checkpoint(run_dir: str | os.PathLike, model: MTPModel, tokenizer: Toke
                     eval_metrics: dict | None = None, name: str = CHECKPOINT) -> Path:
     """Write a checkpoint of ``model`` (+ tokenizer, + optional training state) atomically
     into ``run_dir/name`` and return that path. The previous checkpoint stays loadable until
-    the new one is complete."""
+    the new one is complete; files in it that multitoken did not write move into the new one."""
     check_vocab(model.cfg, tokenizer, "model")
     run_dir = Path(run_dir)
+    check_replaceable(run_dir, name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / name
-    tmp = run_dir / (name + _TMP_SUFFIX)
+    final, old, tmp = _folders(run_dir, name)
+    beside = run_files(final, KIND) | run_files(old, KIND)  # what the run wrote next to it stays ours
     if tmp.exists():
-        shutil.rmtree(tmp)  # left by a killed writer: never trusted
+        shutil.rmtree(tmp)  # left by a killed writer (checked above: nothing else in it): never trusted
     tmp.mkdir()
     try:
+        write_manifest(tmp, KIND, CHECKPOINT_FILES, beside)  # first: a killed writer's folder is known ours
         save_weights(model, tmp / WEIGHTS)
         model.cfg.save(tmp / MODEL_CONFIG)
         tokenizer.save(tmp)
@@ -194,6 +260,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: MTPModel, tokenizer: Toke
             write_json(tmp / EVAL, eval_metrics)
         if trainer_state is not None:
             torch.save({"version": FORMAT_VERSION, **trainer_state}, tmp / TRAINER_STATE)
+        write_manifest(tmp, KIND, [p.name for p in tmp.iterdir()], beside)  # exactly what was written
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -274,10 +341,11 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointNotFoundError(f"{TRAINER_STATE} missing in {ckpt} (cannot resume from it)")
     try:
         state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"corrupt {f}: {first_line(e)}") from None
+    except Exception:  # unpickling errors come in many types; torch's text suggests unsafe loading
+        raise CheckpointError(f"corrupt or not written by multitoken: {f} is not a trainer state that "
+                              "loads safely (weights only); resume from another checkpoint") from None
     if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"corrupt {f}: not a trainer state")
+        raise CheckpointError(f"corrupt or not written by multitoken: {f} is not a trainer state")
     if state.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{f} has format version {state.get('version')}, this multitoken reads "
                               f"{FORMAT_VERSION}")

@@ -138,7 +138,10 @@ class TrainConfig:
             _fail("val_fraction", self.val_fraction, "a number in [0, 1)")
         _opt(self, "max_docs", _int, 1)
         # Validate the model fields now (a placeholder vocab: the tokenizer decides the real one).
-        self.model_config(self.model.get("vocab_size", 257))
+        n = self.model_config(self.model.get("vocab_size", 257)).n_future
+        if self.seq_len <= n:  # head i has seq_len - i - 1 targets per sequence
+            _fail("seq_len", self.seq_len, f"an integer >= {n + 1} with n_future={n} (head {n - 1} predicts "
+                                           f"t+{n}: a shorter sequence gives it no target)")
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from multitoken.data import PackedDataset, Tokenizer, build_token_store, iter_documents, make_tokenizer, split_of
+from multitoken.data import (
+    DataError, PackedDataset, Tokenizer, build_token_store, iter_documents, make_tokenizer, split_of,
+)
+from multitoken.data.packing import steps_per_epoch
 from multitoken.model.config import MTPConfig
 from multitoken.training.checkpoint import CheckpointError, load_model_config
 from multitoken.training.config import TrainConfig
@@ -49,3 +52,16 @@ def check_resume_model(ckpt: Path, model_cfg: MTPConfig) -> None:
              for k, v in saved_cfg.to_dict().items() if getattr(model_cfg, k) != v]
     if diffs:
         raise CheckpointError(f"cannot resume {ckpt}: the model config differs ({'; '.join(diffs)})")
+
+
+def check_data(train, val, config: TrainConfig, world_size: int = 1) -> None:
+    """Refuse splits too small to train on (fewer sequences than one batch) or to validate on
+    (fewer than one sequence per rank), before the first step."""
+    if train is not None and steps_per_epoch(len(train), config.micro_batch_size, world_size) == 0:
+        raise DataError(f"the training split has {len(train)} sequences of seq_len={config.seq_len}, fewer "
+                        f"than one batch of {config.micro_batch_size}"
+                        f"{f' x {world_size} ranks' if world_size > 1 else ''}; "
+                        "add data or lower --batch-size / --seq-len")
+    if val is not None and len(val) < world_size:
+        raise DataError(f"the validation split has {len(val)} sequences of seq_len={config.seq_len}; add data, "
+                        "raise val_fraction, lower --seq-len, or set val_fraction=0")

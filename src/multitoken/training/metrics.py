@@ -14,12 +14,28 @@ METRICS = "metrics.jsonl"
 TB_SCALARS = ("loss", "primary", "auxiliary", "lr", "tokens_per_s", "perplexity", "grad_norm")
 
 
+NO_TARGETS = "no targets"  # how a head with nothing to predict is shown (None in JSON rows)
+
+
+def per_head(values: list[float], counts: list[float]) -> list[float | None]:
+    """Per-head values with None where the head had no valid target (its 0 means nothing)."""
+    return [v if c > 0 else None for v, c in zip(values, counts)]
+
+
+def percent(v: float | None) -> str:
+    """An accuracy as ``12.3%``, or "no targets"."""
+    return NO_TARGETS if v is None else f"{v:.1%}"
+
+
 def format_head_table(ev: dict) -> str:
-    """A small text table of per-head validation loss / top-1 accuracy."""
+    """A small text table of per-head validation loss / top-1 accuracy ("no targets" for a head
+    that had none)."""
     lines = ["head  predicts  val loss  val acc", "----  --------  --------  -------"]
     for i, (loss, acc) in enumerate(zip(ev["head_losses"], ev["head_accuracy"])):
-        lines.append(f"{i:>4}  {'t+' + str(i + 1):>8}  {loss:8.4f}  {acc:7.1%}")
-    lines.append(f"next-token perplexity {ev['perplexity']:.3f} (step {ev['step']}, {ev['tokens']} tokens)")
+        values = f"{NO_TARGETS:>8}" if loss is None else f"{loss:8.4f}  {percent(acc):>7}"
+        lines.append(f"{i:>4}  {'t+' + str(i + 1):>8}  {values}")
+    ppl = NO_TARGETS if ev.get("perplexity") is None else f"{ev['perplexity']:.3f}"
+    lines.append(f"next-token perplexity {ppl} (step {ev['step']}, {ev['tokens']} tokens)")
     return "\n".join(lines)
 
 
@@ -37,12 +53,12 @@ class MetricsLog:
                 f.write(json.dumps(row) + "\n")
         if self._tb is not None:
             prefix = "val" if row.get("split") == "val" else "train"
-            for k in TB_SCALARS:
-                if k in row:
-                    self._tb.add_scalar(f"{prefix}/{k}", row[k], row["step"])
+            scalars = {k: row.get(k) for k in TB_SCALARS}
             for i, (l, a) in enumerate(zip(row["head_losses"], row["head_accuracy"])):
-                self._tb.add_scalar(f"{prefix}/head{i}_loss", l, row["step"])
-                self._tb.add_scalar(f"{prefix}/head{i}_accuracy", a, row["step"])
+                scalars.update({f"head{i}_loss": l, f"head{i}_accuracy": a})
+            for k, v in scalars.items():
+                if v is not None:  # None: no targets, nothing to plot
+                    self._tb.add_scalar(f"{prefix}/{k}", v, row["step"])
 
     def truncate(self, step: int) -> None:
         """Drop rows written after ``step`` (a killed run's tail, past the checkpoint we resume)."""

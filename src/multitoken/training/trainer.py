@@ -29,19 +29,22 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from multitoken.data import DataError, Tokenizer
-from multitoken.data.packing import batch_indices, get_batch, steps_per_epoch
+from multitoken.data import Tokenizer
+from multitoken.data.packing import batch_indices, get_batch
 from multitoken.errors import MultitokenError
 from multitoken.model.native import MTPModel
 from multitoken.training.checkpoint import (
-    CHECKPOINT, WEIGHTS, CheckpointError, CheckpointNotFoundError, find_checkpoint, load_checkpoint_tokenizer,
-    load_trainer_state, load_weights, read_train_config, save_checkpoint,
+    CHECKPOINT, WEIGHTS, CheckpointError, CheckpointNotFoundError, find_checkpoint, kept_files,
+    load_checkpoint_tokenizer, load_trainer_state, load_weights, read_train_config, save_checkpoint,
 )
 from multitoken.training.config import TrainConfig
-from multitoken.training.inputs import build_datasets, build_tokenizer, check_resume_compatible, check_resume_model
+from multitoken.training.inputs import (
+    build_datasets, build_tokenizer, check_data, check_resume_compatible, check_resume_model,
+)
 from multitoken.training.loss import MTPLoss, mtp_backward, naive_backward
-from multitoken.training.metrics import METRICS, MetricsLog
+from multitoken.training.metrics import METRICS, MetricsLog, per_head, percent
 from multitoken.training.parallel import SingleProcess
+from multitoken.training.rundir import TENSORBOARD, check_run_dir, claim_run_dir
 from multitoken.training.runtime import deferred_signals, resolve_device, rng_state, set_rng_state, training_dtype
 from multitoken.training.schedule import lr_factor, param_groups
 from multitoken.training.steps import Batch, CompiledModel, floats, micro_batches, validation_sums
@@ -120,8 +123,10 @@ class MTPTrainer:
                     progress: bool = True, rank: int = 0, world_size: int = 1,
                     parallel: str | None = None) -> "MTPTrainer":
         """Tokenizer + corpus + model for ``config``; with ``resume`` restore the checkpoint in
-        ``out_dir``. Nothing is written to ``out_dir`` here (bad input leaves it untouched).
+        ``out_dir``. Nothing is written to ``out_dir`` here (bad input leaves it untouched), and a
+        folder that is not ours is refused before any work.
         ``parallel`` (ddp | fsdp): join torchrun's process group (rank/world from its env)."""
+        out_dir = check_run_dir(out_dir)
         env, first = None, _call
         if parallel is not None:
             from multitoken.training.distributed import init_distributed, main_first as first
@@ -129,7 +134,6 @@ class MTPTrainer:
             env = init_distributed(config.device)
             rank, world_size = env.rank, env.world_size
             progress = progress and rank == 0
-        out_dir = Path(out_dir)
         ckpt = find_checkpoint(out_dir)
         if resume:
             if ckpt is None:
@@ -152,22 +156,10 @@ class MTPTrainer:
         trainer = cls(MTPModel(model_cfg), config, train, val, tokenizer, out_dir, rank=rank,
                       world_size=world_size, progress=progress, parallel=parallel, dist_env=env)
         trainer._owns_process_group = env is not None
-        trainer._check_data()
+        check_data(train, val, config, trainer.world_size)
         if resume:
             trainer.load_checkpoint(ckpt)
         return trainer
-
-    def _check_data(self) -> None:
-        if self.train_data is not None and steps_per_epoch(len(self.train_data), self.config.micro_batch_size,
-                                                           self.world_size) == 0:
-            raise DataError(f"the training split has {len(self.train_data)} sequences of seq_len="
-                            f"{self.config.seq_len}, fewer than one batch of {self.config.micro_batch_size}"
-                            f"{f' x {self.world_size} ranks' if self.world_size > 1 else ''}; "
-                            "add data or lower --batch-size / --seq-len")
-        if self.val_data is not None and len(self.val_data) < self.world_size:
-            raise DataError(f"the validation split has {len(self.val_data)} sequences of seq_len="
-                            f"{self.config.seq_len}; add data, raise val_fraction, lower --seq-len, "
-                            "or set val_fraction=0")
 
     # ------------------------------------------------------------------ one step
     def prepare_multi_targets(self, tokens: Tensor, doc_ids: Tensor | None = None) -> list[Tensor]:
@@ -200,7 +192,7 @@ class MTPTrainer:
                 n_tokens += tokens.numel()
                 with self._autocast(), par.micro_batch(j == len(micro) - 1):
                     out = self._backward(self.train_model, self.loss_fn, tokens, doc_ids, scale=1.0 / len(micro))
-                for k in ("loss", "primary", "auxiliary", "head_losses", "head_accuracy"):
+                for k in ("loss", "primary", "auxiliary", "head_losses", "head_accuracy", "head_counts"):
                     totals[k] = totals.get(k, 0) + out[k].detach().float() / len(micro)
         par.sync_gradients()  # ... and one synchronisation per optimizer step
         totals = par.mean_over_ranks(totals)  # every rank logs and checks the global means
@@ -220,7 +212,9 @@ class MTPTrainer:
         return {
             "step": self.step, "tokens": self.tokens_seen, "lr": lr, "loss": loss,
             "primary": float(totals["primary"]), "auxiliary": float(totals["auxiliary"]),
-            "head_losses": floats(totals["head_losses"]), "head_accuracy": floats(totals["head_accuracy"]),
+            # A head with no target in the step: None ("no targets"), never a loss of 0.
+            "head_losses": per_head(floats(totals["head_losses"]), floats(totals["head_counts"])),
+            "head_accuracy": per_head(floats(totals["head_accuracy"]), floats(totals["head_counts"])),
             "grad_norm": grad_norm,
         }
 
@@ -253,11 +247,14 @@ class MTPTrainer:
         par = self.parallel
         ce, count, correct = par.sum_over_ranks(ce), par.sum_over_ranks(count), par.sum_over_ranks(correct)
         out = self.loss_fn.combine(ce, count, correct)
+        counts = count.tolist()
+        primary = per_head([float(out["primary"])], counts[:1])[0]  # None: no next-token target at all
         return {
             "split": "val", "step": self.step, "tokens": self.tokens_seen,
-            "loss": float(out["loss"]), "primary": float(out["primary"]), "auxiliary": float(out["auxiliary"]),
-            "head_losses": floats(out["head_losses"]), "head_accuracy": floats(out["head_accuracy"]),
-            "perplexity": math.exp(min(float(out["primary"]), 700.0)), "val_tokens": int(count[0]),
+            "loss": float(out["loss"]), "primary": primary, "auxiliary": float(out["auxiliary"]),
+            "head_losses": per_head(floats(out["head_losses"]), counts),
+            "head_accuracy": per_head(floats(out["head_accuracy"]), counts),
+            "perplexity": None if primary is None else math.exp(min(primary, 700.0)), "val_tokens": counts[0],
         }
 
     # ------------------------------------------------------------------ checkpoints
@@ -337,10 +334,10 @@ class MTPTrainer:
         """Rank 0: the run folder, the metrics log cut back to the current step, TensorBoard."""
         if self.out_dir is None or self.rank != 0:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        claim_run_dir(self.out_dir)  # refuses a folder of the user's
         self.metrics.truncate(self.step)
         if self.config.tensorboard:
-            self.metrics.open_tensorboard(self.out_dir / "tensorboard", self.step)
+            self.metrics.open_tensorboard(self.out_dir / TENSORBOARD, self.step)
 
     def _after_step(self, m: dict, tok_s: float, last: bool, bar) -> bool:
         """Log, evaluate and checkpoint after a step as the config says; True when stopping."""
@@ -352,7 +349,7 @@ class MTPTrainer:
             self.metrics.write(self.last_eval)
             if self.progress:
                 bar.write(f"step {step}: val loss {self.last_eval['loss']:.4f}, head acc "
-                          + " ".join(f"{a:.1%}" for a in self.last_eval["head_accuracy"]))
+                          + " ".join(percent(a) for a in self.last_eval["head_accuracy"]))
         stop = self.parallel.any_rank(self._stop_signal is not None)  # all ranks stop after the same step
         # Distributed: every rank takes part in gathering the checkpoint; rank 0 writes.
         if self.out_dir is not None and (self.rank == 0 or self.parallel.collective) and (
@@ -363,9 +360,10 @@ class MTPTrainer:
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train until ``total_steps`` (or ``stop_at`` steps, checkpointing there).
 
-        Returns ``{"step", "tokens", "status", "eval", "checkpoint"}`` with status one of
+        Returns ``{"step", "tokens", "status", "eval", "checkpoint", "kept"}`` with status one of
         ``finished``, ``stopped`` (stop_at reached) or ``interrupted`` (SIGINT/SIGTERM);
-        ``signal`` holds the signal number when interrupted. Raises :class:`TrainingDiverged`
+        ``signal`` holds the signal number when interrupted; ``kept`` names the files in the
+        checkpoint that training did not write (carried over, e.g. a tuned tree.json). Raises :class:`TrainingDiverged`
         on a NaN/inf loss, leaving the last checkpoint as it was."""
         from tqdm import tqdm
 
@@ -407,5 +405,6 @@ class MTPTrainer:
         finally:
             bar.close()
             self.close()
+        kept = kept_files(self.last_checkpoint) if self.last_checkpoint is not None and self.rank == 0 else []
         return {"step": self.step, "tokens": self.tokens_seen, "status": status, "eval": self.last_eval,
-                "checkpoint": self.last_checkpoint, "signal": self._stop_signal}
+                "checkpoint": self.last_checkpoint, "signal": self._stop_signal, "kept": kept}
