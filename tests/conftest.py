@@ -10,6 +10,23 @@ from multitoken import MTPConfig, MTPModel
 HEAD_TYPES = ["linear", "residual", "modulated", "transformer", "sequential"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Caches the library writes (cost calibrations, token stores, SmolLM2 copies) go to a session
+    folder, never the user's home; the real-model tests (MULTITOKEN_SLOW=1) keep the real cache."""
+    import os
+    if os.environ.get("MULTITOKEN_SLOW") == "1":
+        yield
+        return
+    old = os.environ.get("MULTITOKEN_CACHE")
+    os.environ["MULTITOKEN_CACHE"] = str(tmp_path_factory.mktemp("multitoken-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MULTITOKEN_CACHE", None)
+    else:
+        os.environ["MULTITOKEN_CACHE"] = old
+
+
 def tiny_config(head_type: str = "residual", n_future: int = 3, **overrides) -> MTPConfig:
     base = dict(vocab_size=48, d_model=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=96,
                 n_future=n_future, head_type=head_type)

@@ -76,3 +76,13 @@ def json_object(line: str | bytes, where: str, error: type[MultitokenError] = Mu
     if not isinstance(obj, dict):
         raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def cache_dir(name: str) -> Path:
+    """``<root>/<name>``, the one place caches live: root = ``$MULTITOKEN_CACHE``, else
+    ``$XDG_CACHE_HOME/multitoken``, else ``~/.cache/multitoken`` (token stores, the SmolLM2
+    safetensors copy, cost calibrations)."""
+    root = os.environ.get("MULTITOKEN_CACHE")
+    if root:
+        return Path(root).expanduser() / name
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "multitoken" / name

@@ -54,3 +54,20 @@ def test_presets_fit_the_vocabulary(name, vocab):
     assert parse_tree(name, 3, vocab_size=vocab) == paths
     assert tree_preset(name, 3, vocab_size=1000) == tree_preset(name, 3)  # a large vocabulary changes nothing
     assert len(paths) == min(TREE_PRESETS[name], vocab + vocab ** 2 + vocab ** 3)
+
+
+def test_the_acceptance_table_reads_back_from_tree_json(tmp_path):
+    import json
+
+    from multitoken.decoding import load_tree_acceptance
+    from multitoken.errors import MultitokenError
+    assert load_tree_acceptance(tmp_path) is None  # no tree.json
+    save_tree([[0]], tmp_path)
+    assert load_tree_acceptance(tmp_path) is None  # a tree without a table
+    save_tree([[0], [0, 0]], tmp_path, acceptance=[[0.5, 0.1], [0.25, 0.05]])
+    assert load_tree_acceptance(tmp_path).tolist() == [[0.5, 0.1], [0.25, 0.05]]
+    record = json.loads((tmp_path / "tree.json").read_text())
+    for bad in ([0.5, 0.1], [["x"]], [[0.5], [0.1, 0.2]]):
+        (tmp_path / "tree.json").write_text(json.dumps({**record, "acceptance": bad}))
+        with pytest.raises(MultitokenError, match="corrupt tree file"):
+            load_tree_acceptance(tmp_path)

@@ -107,3 +107,13 @@ def test_select_rows_refuses_a_bad_index():
     for bad in (torch.tensor([2]), torch.tensor([0, 0]), torch.tensor([[0]])):
         with pytest.raises((IndexError, TypeError)):
             model.select_rows(state, bad)
+
+
+def test_decode_hints_are_optional():
+    from multitoken.model.protocol import HINTS, decode_hint
+    model = tiny_model("residual", n_future=3, seed=0)
+    assert all(decode_hint(model, name) is None for name in HINTS)  # the native model offers none
+    model.draft_tree = [[0], [0, 0]]
+    assert decode_hint(model, "draft_tree") == [[0], [0, 0]]
+    with pytest.raises(KeyError, match="unknown decode hint"):
+        decode_hint(model, "draft_speed")

@@ -76,29 +76,33 @@ def model_dir(args: argparse.Namespace):
 
 
 def tree_for(args: argparse.Namespace, model):
-    """--mode tree: the --tree given, else the tree tuned next to the model, else the default
-    preset; None when --tree-budget asks for dynamic trees."""
+    """--mode tree: the --tree given (parsed), else None: the library's default, the same as
+    ``multitoken.generate`` picks (cost-aware from the saved acceptance table, else the saved tree,
+    else the preset); also None when --tree-budget asks for dynamic trees."""
     if getattr(args, "tree_budget", None) is not None:
         if args.tree is not None:
             raise UsageError("give either --tree or --tree-budget, not both")
         return None
+    if args.tree is None:
+        return None
     from multitoken.decoding import resolve_tree
-    return resolve_tree(args.tree, model_dir(args), model.n_future - 1)
+    return resolve_tree(args.tree, model_dir(args), model.n_future - 1, model.vocab_size)
 
 
 def add_draft_cost_flag(parser, default: float | None = 0.1) -> None:
     parser.add_argument("--draft-cost", type=float, default=default, metavar="C",
-                        help="adaptive draft length: one more draft costs C plain steps; each step verifies the "
-                             "number of drafts with the best expected tokens per cost (multitoken.draft_length)")
+                        help="adaptive draft length with a hand-set cost: one more draft costs C plain steps; each "
+                             "step verifies the number of drafts with the best expected tokens per cost "
+                             "(multitoken.decoding.draft_length; without it, spec uses the measured pass costs)")
 
 
 def add_decode_path_flags(parser) -> None:
     parser.add_argument("--no-fast-kernels", action="store_true",
                         help="keep F.linear in the base's decode passes (default on CPU: oneDNN reordered weights, "
-                             "see multitoken.kernels)")
+                             "see multitoken.hf.kernels)")
     parser.add_argument("--hf-forward", action="store_true",
                         help="decode through the base's own HF forward and DynamicCache (default for Llama-family "
-                             "bases: the lean forward over a static cache, see multitoken.hf_forward)")
+                             "bases: the lean forward over a static cache, see multitoken.hf.lean_forward)")
 
 
 def add_bench_prompt_flags(parser, default_code_prompts: int = 10) -> None:

@@ -132,7 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, draft_model=draft_model,
                         num_draft=args.num_draft, eos_id=eos, seed=args.seed, tree=tree,
                         tree_budget=args.tree_budget, on_tokens=on_tokens, truncate=args.truncate,
-                        draft_cost=args.draft_cost)
+                        draft_cost=args.draft_cost, cost_model=args.cost_model)
 
     def plain(batch: list[list[int]]):
         return generate(model, [torch.tensor(ids) for ids in batch], args.max_new_tokens, eos_id=eos,
@@ -223,6 +223,10 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
     g.add_argument("--num-draft", type=int, help="draft tokens per step (default: all heads; 4 for --mode draft)")
     add_draft_cost_flag(g, default=None)
+    g.add_argument("--cost-model", choices=("auto", "off"), default="auto",
+                   help="auto (default): draft length (spec) and tree size (tree) from this machine's measured pass "
+                        "costs, calibrated once per model and cached; off: every step drafts all heads, the tree "
+                        "is the saved or preset one")
     g.add_argument("--draft-model", help="checkpoint of the draft model for --mode draft")
     g.add_argument("--tree", help="tree for --mode tree: JSON list of paths, e.g. '[[0],[1],[0,0]]', or a preset name")
     g.add_argument("--tree-budget", type=int, help="build the tree dynamically each step with this many nodes")

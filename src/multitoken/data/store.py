@@ -28,7 +28,7 @@ from multitoken.data.corpus import (
 )
 from multitoken.data.tokenizer import ByteTokenizer, Tokenizer
 from multitoken.errors import MultitokenError
-from multitoken.io import read_json, write_json
+from multitoken.io import cache_dir, read_json, write_json
 
 STORE_VERSION = 1  # part of the cache key and of meta.json: bump when the layout changes
 
@@ -89,12 +89,8 @@ class TokenStore:
 
 
 def default_cache_dir() -> Path:
-    """$MULTITOKEN_CACHE, else $XDG_CACHE_HOME (or ~/.cache)/multitoken/tokens."""
-    env = os.environ.get("MULTITOKEN_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "multitoken" / "tokens"
+    """Where token stores are cached: :func:`multitoken.io.cache_dir` ``("tokens")``."""
+    return cache_dir("tokens")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -20,7 +20,7 @@ from multitoken.decoding.stats import GenerationResult, GenerationStats
 from multitoken.decoding.tree_flat import FlatTree, flatten_tree, validate_tree
 from multitoken.decoding.tree_presets import (
     DEFAULT_PRESET, TREE_FILE, TREE_PRESETS, build_tree, cost_aware_tree, expected_accept_length,
-    expected_chain_tau, load_tree, load_tree_acceptance, parse_tree, prior_acceptance, resolve_tree, save_tree,
+    attach_tree_hints, expected_chain_tau, load_tree, load_tree_acceptance, parse_tree, prior_acceptance, resolve_tree, save_tree,
     tree_preset,
 )
 from multitoken.decoding.tree_tuning import measure_topk_acceptance, tune_tree, tuning_top_k
@@ -29,7 +29,7 @@ __all__ = [
     "generate", "MODES", "MODE_ARGUMENTS", "check_mode_arguments",
     "GenerationResult", "GenerationStats", "TokenCallback", "Sampler", "accept_chain",
     "DraftLengthPolicy", "CostModel", "calibrate", "cached_cost_model", "cost_cache_dir", "default_tree",
-    "cost_aware_tree", "load_tree_acceptance", "FlatTree", "flatten_tree", "validate_tree", "DEFAULT_PRESET",
+    "cost_aware_tree", "load_tree_acceptance", "attach_tree_hints", "FlatTree", "flatten_tree", "validate_tree", "DEFAULT_PRESET",
     "TREE_FILE", "TREE_PRESETS",
     "build_tree", "expected_accept_length", "expected_chain_tau", "load_tree", "parse_tree", "prior_acceptance",
     "resolve_tree", "save_tree", "tree_preset", "measure_topk_acceptance", "tune_tree",

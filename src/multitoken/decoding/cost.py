@@ -12,11 +12,14 @@ once per model and machine. :class:`PassTimer` is the timing core (the verify-co
 """
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, TextIO
+from typing import TextIO
 
 import torch
 
@@ -37,17 +40,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of one call of ``fn``, the device's queued work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
     """Seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call."""
-    times = []
-    for i in range(repeats + 1):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return times
+    return [seconds(fn, device) for _ in range(repeats + 1)][1:]
 
 
 def width_tree(num_heads: int, width: int) -> FlatTree | None:
@@ -68,11 +72,9 @@ class PassTimer:
     def __init__(self, model: MTPDecoderModel, batch_size: int, prefix_len: int, max_width: int, seed: int = 0,
                  draft_calls: int = 0):
         self.heads = max(model.n_future - 1, 1)
-        deepest = width_tree(self.heads, max_width).max_depth if max_width > 1 else 0
-        longest = prefix_len + max(deepest, draft_calls + model.n_future)
-        if prefix_len < 1 or longest >= model.max_seq_len:
-            raise MultitokenError(f"prefix_len must be in [1, {prefix_len + model.max_seq_len - longest - 1}] "
-                                  f"for this model, got {prefix_len}")
+        room = model.max_seq_len - max_width - draft_calls - 1  # the cache must hold every timed pass
+        if not 1 <= prefix_len <= room:
+            raise MultitokenError(f"prefix_len must be in [1, {room}] for this model, got {prefix_len}")
         self.model, self.device = model, device_of(model)
         self.gen = torch.Generator().manual_seed(seed)
         prefix = self.random_tokens(batch_size, prefix_len)
@@ -96,15 +98,13 @@ class PassTimer:
     def draft(self, k: int, repeats: int) -> list[float]:
         """Seconds of ``repeats`` ``model.draft`` calls of ``k`` tokens (argmax picks, as decoding
         does), each after a one-token step (untimed; ``repeats + 1`` of them, the warm-up included)."""
-        pick = lambda lg, j: lg.argmax(-1)  # noqa: E731
+        pick = lambda lg, j: lg.argmax(-1)
         times = []
-        for i in range(repeats + 1):
+        for _ in range(repeats + 1):
             self.model.verify(self.state, self.pending[:, None])
             self.model.accept(self.state, None, self.ones)
-            times += timed(lambda: self.model.draft(self.state, self.pending, k, pick), self.device, 0) if i else []
-            if not i:
-                self.model.draft(self.state, self.pending, k, pick)
-        return times
+            times.append(seconds(lambda: self.model.draft(self.state, self.pending, k, pick), self.device))
+        return times[1:]
 
 
 def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
@@ -142,10 +142,10 @@ class CostModel:
               and len(self.verify) == len(self.draft) == len(self.batches)
               and all(len(r) == len(self.widths) for r in self.verify)
               and len({len(r) for r in self.draft}) == 1
-              and all(c >= 0 and c == c for r in self.verify + self.draft for c in r))
+              and all(math.isfinite(c) and c >= 0 for r in self.verify + self.draft for c in r))
         if not ok:
             raise MultitokenError("a cost model needs ascending distinct batches and widths >= 1, one verify row "
-                                  "per batch with a cost >= 0 per width, and draft rows of one length")
+                                  "per batch with a finite cost >= 0 per width, and draft rows of one length")
 
     def verify_cost(self, width: int, batch: int = 1) -> float:
         """A verify pass of ``width`` tokens per row for ``batch`` rows."""
@@ -170,12 +170,14 @@ class CostModel:
                 "plain_seconds": self.plain_seconds}
 
     @classmethod
-    def from_dict(cls, record: dict) -> "CostModel":
+    def from_dict(cls, record: dict) -> CostModel:
         """The inverse of :meth:`to_dict`; a record of another shape raises MultitokenError."""
         try:
             return cls(record["batches"], record["widths"], record["verify"], record.get("draft", []),
                        float(record.get("plain_seconds", 0.0)))
-        except (KeyError, TypeError, AttributeError) as e:
+        except MultitokenError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as e:  # ValueError: a cost that is no number
             raise MultitokenError(f"not a cost model record ({type(e).__name__}: {e})") from None
 
 
@@ -196,13 +198,15 @@ def calibrate(model: MTPDecoderModel, batches: Sequence[int] = CALIBRATION_BATCH
     """Measure a :class:`CostModel` for ``model`` on this machine (medians of ``repeats``
     passes after a warm-up; a few seconds for a 135M model on 2 CPU cores).
 
-    Widths past what the context holds after the prefix are dropped; the prefix is cut to
-    half the context for short-context models. ``progress`` gets one line.
+    Widths past what the context holds after the prefix (and the one-token steps drafting is
+    timed after) are dropped; the prefix is cut to half the context for short-context models.
+    ``progress`` gets one line.
     """
     if repeats < 1:
         raise MultitokenError(f"repeats must be >= 1, got {repeats}")
+    draft_calls = (model.n_future - 1) * (repeats + 1)
     prefix_len = max(1, min(prefix_len, model.max_seq_len // 2))
-    widths = sorted({int(w) for w in widths if 1 <= w <= model.max_seq_len - prefix_len - 2} | {1})
+    widths = sorted({int(w) for w in widths if 1 <= w <= model.max_seq_len - prefix_len - draft_calls - 1} | {1})
     batches = sorted({int(b) for b in batches if b >= 1} | {1})  # batch 1 holds the unit
     heads = model.n_future - 1
     start = time.perf_counter()
@@ -211,9 +215,11 @@ def calibrate(model: MTPDecoderModel, batches: Sequence[int] = CALIBRATION_BATCH
               f"{', '.join(map(str, batches))}, {heads} draft heads), once per model and machine ...",
               end="", file=progress, flush=True)
     verify, draft = [], []
-    with torch.inference_mode():
+    # A model's warnings about batched passes speak of the user's decode, not of this probe.
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         for b in batches:
-            timer = PassTimer(model, b, prefix_len, widths[-1])
+            timer = PassTimer(model, b, prefix_len, widths[-1], draft_calls=draft_calls)
             verify.append(non_decreasing([statistics.median(timer.verify(w, repeats)) for w in widths]))
             draft.append(non_decreasing([statistics.median(timer.draft(k, repeats)) for k in range(1, heads + 1)]))
     plain = verify[0][0] if verify[0][0] > 0 else 1e-9

@@ -24,7 +24,7 @@ import torch
 from multitoken.decoding.batch import device_of
 from multitoken.decoding.cost import CostModel, calibrate
 from multitoken.errors import MultitokenError
-from multitoken.io import read_json, write_json
+from multitoken.io import cache_dir, read_json, write_json
 from multitoken.model.protocol import decode_hint
 
 COST_FORMAT = "multitoken-costs/1"
@@ -32,9 +32,8 @@ COST_MODEL_CHOICES = ("auto", "off")  # besides a ready CostModel and None (= "o
 
 
 def cost_cache_dir() -> Path:
-    """``$MULTITOKEN_CACHE/costs``, default root ``~/.cache/multitoken``."""
-    root = os.environ.get("MULTITOKEN_CACHE") or Path.home() / ".cache" / "multitoken"
-    return Path(root) / "costs"
+    """:func:`multitoken.io.cache_dir` ``("costs")``."""
+    return cache_dir("costs")
 
 
 def has_weights(model) -> bool:

@@ -235,3 +235,11 @@ def resolve_tree(tree=None, model_dir=None, num_heads: int | None = None,
     if num_heads is None:
         raise MultitokenError("resolving the default tree needs the model's number of draft heads")
     return tree_preset(DEFAULT_PRESET, num_heads, vocab_size)
+
+
+def attach_tree_hints(model, model_dir) -> None:
+    """Give ``model`` the decode hints of ``model_dir``'s tree.json (saved by tune-tree or heads
+    training): ``draft_tree`` (its paths) and ``draft_acceptance`` (its top-k acceptance table), so
+    ``generate(mode="tree")`` without a tree picks the same tree the CLI does. No file: both None."""
+    model.draft_tree = load_tree(model_dir)
+    model.draft_acceptance = load_tree_acceptance(model_dir)

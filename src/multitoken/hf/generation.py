@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from multitoken.decoding import generate as decode
-from multitoken.decoding import resolve_tree
 from multitoken.errors import MultitokenError
 from multitoken.hf.heads_files import recorded_fingerprint
 from multitoken.hf.loading import load_base, model_identity
@@ -111,8 +110,8 @@ class HFGenerationMixin:
         after their EOS with pad_token_id.
 
         Unset ``max_new_tokens`` / ``eos_token_id`` / ``pad_token_id`` come from the base's
-        ``generation_config`` (pad falls back to EOS, then 0). ``mode``: "tree" (the heads
-        folder's tree.json or the default preset), "spec" (a chain) or "ar" (plain). Greedy output
+        ``generation_config`` (pad falls back to EOS, then 0). ``mode``: "tree" (the library's default
+        tree: cost-aware from the heads folder's tree.json acceptance table), "spec" (a chain) or "ar" (plain). Greedy output
         equals the base's own greedy decoding; sampling keeps its distribution. ``decode_kw``
         (num_draft, tree, tree_budget, draft_cost, ...) goes to :func:`multitoken.generate`.
         """
@@ -123,8 +122,6 @@ class HFGenerationMixin:
         max_new = max_new_tokens if max_new_tokens is not None else (config.max_new_tokens or 20)
         if do_sample and not temperature > 0:
             raise MultitokenError(f"do_sample=True needs temperature > 0, got {temperature}")
-        if mode == "tree" and decode_kw.get("tree") is None and decode_kw.get("tree_budget") is None:
-            decode_kw["tree"] = resolve_tree(None, self.heads_dir, self.n_future - 1)
         sample = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
         result = decode(self, prompt_rows(input_ids, attention_mask), max_new, mode=mode, eos_id=eos, seed=seed,
                         **sample, **decode_kw)

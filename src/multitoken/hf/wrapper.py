@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from multitoken.decoding import attach_tree_hints
 from multitoken.errors import MultitokenError, first_line
 from multitoken.hf.adapt import BaseAdaptationError, adapt_base, cache_layer, run_top_layers, trainable_base_state
 from multitoken.hf.generation import HFGenerationMixin
@@ -296,7 +297,14 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
             except (ValueError, TypeError, RuntimeError) as e:
                 raise MultitokenError(f"corrupt draft_vocab in {heads_dir / HEADS_CONFIG}: {first_line(e)}") from None
         model.heads_dir = heads_dir
+        attach_tree_hints(model, heads_dir)
         return model
+
+    @property
+    def cost_key(self) -> dict:
+        """Settings that change the cost of a pass (a calibration made under others is not reused)."""
+        return {"fast_kernels": bool(self.fast_kernels), "lean_forward": self.lean_forward is not None,
+                "draft_vocab": None if self.draft_ids is None else int(self.draft_ids.numel())}
 
 
 def load_heads_model(base: str, heads: str | None, dtype: torch.dtype | str = torch.float32,

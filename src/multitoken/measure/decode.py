@@ -27,11 +27,12 @@ from multitoken.errors import MultitokenError
 from multitoken.io import write_json
 
 HF_DECODERS = ("hf", "hf_pld")
-MULTITOKEN_DECODERS = ("ar", "spec", "spec_adaptive", "draft", "tree")
+MULTITOKEN_DECODERS = ("ar", "spec", "spec_full", "spec_adaptive", "draft", "tree")
 DECODERS = HF_DECODERS + MULTITOKEN_DECODERS
 MASKED = ":mask"  # suffix of a multitoken decoder run with finished rows masked, not dropped
 LABELS = {"hf": "HF generate greedy", "hf_pld": "HF prompt lookup", "ar": "multitoken plain",
-          "spec": "multitoken chain", "spec_adaptive": "multitoken chain, adaptive k",
+          "spec": "multitoken chain", "spec_full": "multitoken chain, all heads every step",
+          "spec_adaptive": "multitoken chain, adaptive k",
           "draft": "multitoken draft model", "tree": "multitoken tree"}
 
 
@@ -85,8 +86,8 @@ class _Runner:
 
     def __init__(self, model, eos_id, num_draft, tree, tree_budget, draft_model, draft_cost, pld_tokens):
         self.model, self.masked, self.eos_id, self.pld_tokens = model, KeepFinishedRows(model), eos_id, pld_tokens
-        self.kwargs = {"spec": {"num_draft": num_draft}, "spec_adaptive": {"num_draft": num_draft,
-                                                                            "draft_cost": draft_cost},
+        self.kwargs = {"spec": {"num_draft": num_draft}, "spec_full": {"num_draft": num_draft, "cost_model": "off"},
+                       "spec_adaptive": {"num_draft": num_draft, "draft_cost": draft_cost},
                        "draft": {"num_draft": num_draft, "draft_model": draft_model},
                        "tree": {"num_draft": num_draft, "tree": tree, "tree_budget": tree_budget}, "ar": {}}
 
@@ -96,7 +97,7 @@ class _Runner:
             pld = self.pld_tokens if name == "hf_pld" else None
             return hf_generate_rows(hf_base(self.model), rows, max_new, self.eos_id, pld)
         model = self.masked if decoder.endswith(MASKED) else self.model
-        mode = "spec" if name == "spec_adaptive" else name
+        mode = "spec" if name.startswith("spec") else name
         out = generate(model, [torch.tensor(list(r), dtype=torch.long) for r in rows], max_new, mode=mode,
                        eos_id=self.eos_id, **self.kwargs[name])
         return out.tokens, out.stats.wall_s, out.stats
@@ -179,7 +180,7 @@ def _stats_record(s: GenerationStats) -> dict:
     row_passes = round(s.new_tokens / s.tau) if s.tau else 0
     return {"passes": s.forward_passes, "row_passes": row_passes, "draft_passes": s.draft_forward_passes,
             "accepted": s.draft_accepted, "attempted": s.draft_attempted,
-            "nodes": s.tree_nodes_per_step * row_passes}
+            "nodes": s.tree_nodes_per_step * row_passes, "chosen_by": s.chosen_by, "tree_nodes": s.tree_nodes}
 
 
 def _pooled_row(batches: list[dict], tokens: int, d: str) -> dict:
@@ -193,6 +194,8 @@ def _pooled_row(batches: list[dict], tokens: int, d: str) -> dict:
            "draft_forward_passes": sum(b[d]["draft_passes"] for b in batches)}
     if d.removesuffix(MASKED) == "tree":
         row["tree_nodes_per_step"] = sum(b[d]["nodes"] for b in batches) / max(1, row_passes)
+        row["tree_nodes"] = sorted({b[d]["tree_nodes"] for b in batches if b[d]["tree_nodes"] is not None})
+    row["chosen_by"] = sorted({b[d]["chosen_by"] for b in batches if b[d]["chosen_by"]})  # how k / the tree was set
     return row
 
 

@@ -24,7 +24,7 @@ def choose_decoders(model, modes: Sequence[str], draft_model=None, adaptive: boo
     instead of dropped (``:mask``).
     """
     if hf_base(model) is not None:
-        usable = ("ar", "spec", "spec_adaptive", "tree") + (("hf_pld",) if batch_size == 1 else ())
+        usable = ("ar", "spec", "spec_full", "spec_adaptive", "tree") + (("hf_pld",) if batch_size == 1 else ())
         decoders = ["hf"] + [m for m in modes if m in usable]
     else:
         decoders = ["ar"] + [m for m in modes if m not in HF_DECODERS and not (m == "draft" and draft_model is None)]

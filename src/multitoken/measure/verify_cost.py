@@ -3,15 +3,15 @@ benchmark's table; decoding's own calibration, :mod:`multitoken.decoding.cost`, 
 from __future__ import annotations
 
 import statistics
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from multitoken.decoding.cost import PassTimer, sync
+from multitoken.decoding.cost import PassTimer
 from multitoken.errors import MultitokenError
 from multitoken.model.protocol import MTPDecoderModel
 
-__all__ = ["verify_cost_by_width", "sync"]
+__all__ = ["verify_cost_by_width"]
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from multitoken.measure.machine import machine_info, proc_field, timestamp
-from multitoken.measure.verify_cost import sync
+from multitoken.decoding.cost import sync
 from multitoken.model.config import MTPConfig
 from multitoken.model.native import MTPModel
 

@@ -40,6 +40,7 @@ from multitoken.model.config import MTPConfig
 from multitoken.model.native import MTPModel
 from multitoken.data import Tokenizer, load_tokenizer
 from multitoken.data.tokenizer import BPE_FILE, CONFIG_NAME as TOKENIZER_CONFIG
+from multitoken.decoding import attach_tree_hints
 from multitoken.errors import MultitokenError, first_line
 from multitoken.io import read_json, write_json
 from multitoken.training.manifest import (
@@ -308,6 +309,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     model = MTPModel(cfg)
     load_weights(model, ckpt / WEIGHTS)
     model.to(device=device, dtype=dtype)
+    attach_tree_hints(model, ckpt)  # a tuned tree.json becomes generate's default tree
     return model.eval(), tokenizer
 
 
