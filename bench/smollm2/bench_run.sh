@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How bench/smollm2/decode*.{json,md} were produced, after heads_run.sh (quiet 2-core CPU, float32, offline):
+# How bench/smollm2/decode*.{json,md} were produced, after src/multitoken/hf/heads/smollm2/recipe.sh (quiet 2-core CPU, float32, offline):
 # ship the heads (16-bit copy into the package), then benchmark them on the packaged natural requests.
 set -euo pipefail
 export HF_HUB_OFFLINE=1

@@ -57,3 +57,35 @@ def test_resolve_heads_by_name_folder_and_base(trained, monkeypatch):
     assert shipped.resolve_heads(tmp / "run") == tmp / "run"
     with pytest.raises(MultitokenError, match="no ready-made heads for base 'gpt2'"):
         shipped.resolve_heads(None, base="gpt2")
+
+
+def test_cli_refuses_foreign_truncated_and_old_format_heads(trained, tmp_path, capsys):
+    """`--heads` for another base, a truncated weights file, weights of another format: one line, exit 2."""
+    from safetensors.torch import save_file
+
+    from multitoken.cli.main import main
+
+    model, tok, heads, tmp = trained
+    base = tmp / "base"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    ship = shipped.export_heads(tmp / "run", tmp / "ship")
+    other = tmp / "other"
+    make_model(seed=3, vocab=80, eos=1).save_pretrained(other)  # another base: another vocabulary
+    tok.save_pretrained(other)
+    truncated = tmp / "truncated"
+    shipped.export_heads(tmp / "run", truncated)
+    data = (truncated / "heads.safetensors").read_bytes()
+    (truncated / "heads.safetensors").write_bytes(data[: len(data) // 2])
+    renamed = tmp / "renamed"  # an older layout: the same tensors under other names
+    shipped.export_heads(tmp / "run", renamed)
+    state = load_file(str(renamed / "heads.safetensors"))
+    save_file({"old." + k: v for k, v in state.items()}, str(renamed / "heads.safetensors"))
+    cases = [(other, ship, "trained for a base with vocab_size"), (base, truncated, "corrupt"),
+             (base, renamed, "not heads of this format")]
+    for base_dir, heads_dir, needle in cases:
+        capsys.readouterr()
+        code = main(["generate", "--base", str(base_dir), "--heads", str(heads_dir), "--prompt", "def x",
+                     "--max-new-tokens", "2", "--mode", "spec"])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], (needle, err)

@@ -40,7 +40,7 @@ def resolve_heads(heads: str | os.PathLike | None, base: str | None = None) -> P
         folder = SHIPPED_ROOT / text
         if not (folder / "heads.safetensors").is_file():
             raise MultitokenError(f"the ready-made {text} heads are missing from this installation ({folder}); "
-                                  "reinstall multitoken or train them with bench/smollm2/heads_run.sh")
+                                  "reinstall multitoken or remake them with src/multitoken/hf/heads/smollm2/recipe.sh")
         return folder
     return Path(text)
 

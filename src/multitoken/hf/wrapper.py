@@ -290,7 +290,16 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
                                   f"but the recorded adaptation {adaptation} expects {sorted(expected)[:3]}...")
         if trained:
             model.base.load_state_dict(trained, strict=False)
-        model.heads.load_state_dict(head_state)
+        missing, unexpected = (sorted(set(model.heads.state_dict()) - set(head_state)),
+                               sorted(set(head_state) - set(model.heads.state_dict())))
+        if missing or unexpected:  # e.g. heads of another format or head type under this config
+            raise MultitokenError(f"{heads_dir / HEADS_WEIGHTS} does not hold the weights its {HEADS_CONFIG} "
+                                  f"describes (missing {missing[:2]}, unexpected {unexpected[:2]}): not heads of "
+                                  "this format; retrain them with `multitoken heads train`")
+        try:
+            model.heads.load_state_dict(head_state)
+        except RuntimeError as e:  # right names, wrong shapes
+            raise MultitokenError(f"{heads_dir / HEADS_WEIGHTS} does not fit its {HEADS_CONFIG}: {first_line(e)}") from None
         if meta.get("draft_vocab") is not None:
             try:
                 model.set_draft_vocab(meta["draft_vocab"])

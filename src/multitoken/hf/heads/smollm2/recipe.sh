@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How the shipped SmolLM2 heads (src/multitoken/hf/heads/smollm2/) and bench/smollm2/heads_train.* were made:
+# How these shipped SmolLM2 heads (src/multitoken/hf/heads/smollm2/) and bench/smollm2/heads_train.* were made:
 # 2-core CPU, float32, offline. Run from the repository root after `make install`.
 set -euo pipefail
 export HF_HUB_OFFLINE=1
