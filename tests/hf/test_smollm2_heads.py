@@ -34,7 +34,8 @@ def test_shipped_heads_decode_identically_to_hf_greedy(model):
         for r, ref in zip(rows, refs):
             out = generate(model, [r], 64, mode=mode, eos_id=tok.eos_token_id)
             assert out.tokens[0] == ref, mode
-            assert out.stats.tau > 1.3, (mode, out.stats.tau)  # the heads draft real tokens
+            # the heads draft real tokens: untrained heads over a 4096-id draft vocabulary accept ~0
+            assert out.stats.acceptance_rates[0] > 0.15 and out.stats.tau > 1.1, (mode, out.stats)
         batched = generate(model, rows, 64, mode=mode, eos_id=tok.eos_token_id)
         assert batched.tokens == refs, mode
     ids = torch.tensor([chat_ids(tok, REQUESTS[0])])
