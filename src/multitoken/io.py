@@ -59,17 +59,27 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise MultitokenError(f"{what} {path} is not valid JSON: {e}") from None
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` itself if it exists, else its nearest existing ancestor (what a write that
+    creates the missing folders, as :func:`atomic_write` does, needs to be a writable folder)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable(path: str | os.PathLike, what: str = "output file") -> Path:
-    """Refuse, before any work, an output file that could not be written later: its folder
-    is missing or not writable, or the path is a folder."""
+    """Refuse, before any work, an output file that could not be written later: the path is a
+    folder, or the nearest existing folder above it is a file or not writable (missing folders
+    are fine: :func:`atomic_write` creates them)."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise MultitokenError(f"{what} {path} is a folder, not a file")
-    if not parent.is_dir():
-        raise MultitokenError(f"{what} {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise MultitokenError(f"{what} {path}: folder {parent} is not writable")
+    folder = nearest_existing(path.parent)
+    if not folder.is_dir():
+        raise MultitokenError(f"{what} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        raise MultitokenError(f"{what} {path}: folder {folder} is not writable")
     return path
 
 

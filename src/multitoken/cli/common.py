@@ -19,11 +19,7 @@ def check_outputs(*paths: str | Path | None) -> None:
     """Refuse, before any work, output files (--json, --markdown, --readme) that could not be written.
     Missing folders are fine where the nearest existing one is writable (atomic_write creates them)."""
     for path in filter(None, paths):
-        path = Path(path)
-        folder = path.parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        check_writable(path if folder == path.parent else folder / path.name)
+        check_writable(path)
 
 
 def library_default(fn, name: str):

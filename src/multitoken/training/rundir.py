@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from multitoken.errors import MultitokenError
+from multitoken.io import nearest_existing
 from multitoken.training.checkpoint import CHECKPOINT, KIND, check_replaceable
 from multitoken.training.manifest import first_file, read_manifest, run_files, write_manifest
 from multitoken.training.metrics import METRICS
@@ -29,9 +30,7 @@ def _our_checkpoint_folders(out: Path) -> list[Path]:
 
 
 def _check_parent(out: Path) -> None:
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(out.parent)
     if not parent.is_dir():
         raise MultitokenError(f"--out {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK):
