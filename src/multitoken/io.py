@@ -7,11 +7,15 @@ never a torn one. :func:`read_json` turns a missing, unreadable or malformed fil
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, TypeVar
+
+T = TypeVar("T")
 
 from multitoken.errors import MultitokenError, first_line
 
@@ -98,8 +102,49 @@ def json_object(line: str | bytes, where: str, error: type[MultitokenError] = Mu
 def cache_dir(name: str) -> Path:
     """``<root>/<name>``, the one place caches live: root = ``$MULTITOKEN_CACHE``, else
     ``$XDG_CACHE_HOME/multitoken``, else ``~/.cache/multitoken`` (token stores, the SmolLM2
-    safetensors copy, cost calibrations)."""
+    safetensors copy, cost calibrations, kernel choices)."""
     root = os.environ.get("MULTITOKEN_CACHE")
     if root:
         return Path(root).expanduser() / name
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "multitoken" / name
+
+
+def proc_field(path: str, key: str) -> str | None:
+    """The value after ``key:`` in a /proc file, or None (not Linux, or not listed)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def cache_file(folder: str, key: dict) -> Path:
+    """The file :func:`cached_record` keeps ``key``'s record in: ``cache_dir(folder)/<digest of key>.json``."""
+    return cache_dir(folder) / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
+
+
+def cached_record(folder: str, key: dict, measure: Callable[[], T], to_dict: Callable[[T], dict],
+                  from_dict: Callable[[dict], T], what: str, progress: TextIO | None = None) -> T:
+    """A measurement (``what``, e.g. "decode costs") kept on disk in :func:`cache_file`
+    ``(folder, key)`` as ``{"key": key, "value": to_dict(result)}``: read back when the file
+    holds this key and ``from_dict`` accepts its value, else ``measure()``-d and written. A
+    missing, corrupt or foreign file is measured again, never a crash (``from_dict`` raising
+    MultitokenError, KeyError, TypeError or ValueError counts as corrupt); a folder that cannot
+    be written keeps the result in memory only, with one line to ``progress``."""
+    path = cache_file(folder, key)
+    if path.is_file():
+        try:
+            record = read_json(path, f"{what} cache")
+            if isinstance(record, dict) and record.get("key") == key:
+                return from_dict(record["value"])
+        except (MultitokenError, KeyError, TypeError, ValueError):
+            pass
+    value = measure()
+    try:
+        write_json(path, {"key": key, "value": to_dict(value)})
+    except OSError as e:  # a read-only home must not stop the caller: the result stays in memory
+        if progress is not None:
+            print(f"multitoken: cannot cache {what} in {path.parent}: {e}", file=progress)
+    return value

@@ -27,7 +27,7 @@ def test_the_cache_is_reused_on_a_second_call(cache):
     path = cost_file(cost_key(model))
     assert cache == [model] and path.parent == cost_cache_dir() and path.is_file()
     assert cached_cost_model(model, progress=None) == first and len(cache) == 1
-    assert json.loads(path.read_text())["costs"] == first.to_dict()
+    assert json.loads(path.read_text())["value"] == first.to_dict()
 
 
 @pytest.mark.parametrize("damage", ["{not json", '{"key": 1}', "[]", "null"])
@@ -38,7 +38,7 @@ def test_a_corrupt_cache_file_is_recalibrated(cache, damage):
     path.write_text(damage)
     again = cached_cost_model(model, progress=None)
     assert len(cache) == 2 and isinstance(again, CostModel)
-    assert CostModel.from_dict(json.loads(path.read_text())["costs"]) == again  # rewritten whole
+    assert CostModel.from_dict(json.loads(path.read_text())["value"]) == again  # rewritten whole
 
 
 def test_a_bad_costs_record_under_the_right_key_is_recalibrated(cache):
@@ -46,7 +46,7 @@ def test_a_bad_costs_record_under_the_right_key_is_recalibrated(cache):
     cached_cost_model(model, progress=None)
     path = cost_file(cost_key(model))
     record = json.loads(path.read_text())
-    record["costs"]["verify"] = [[-1.0]]
+    record["value"]["verify"] = [[-1.0]]
     path.write_text(json.dumps(record))
     cached_cost_model(model, progress=None)
     assert len(cache) == 2

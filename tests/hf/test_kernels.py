@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multitoken.hf.kernels import MAX_ROWS, BlockLinear, available, block_kernels, install_block_linears
+from multitoken.hf.kernels import (MAX_ROWS, ONEDNN_ALWAYS, ONEDNN_NEVER, BlockLinear, available, block_kernels,
+                                   install_block_linears)
 
 pytestmark = pytest.mark.skipif(not available(), reason="oneDNN (mkldnn) is not in this torch build")
 
@@ -48,6 +49,22 @@ def test_prefill_grad_and_other_dtypes_take_f_linear():
     xb = torch.randn(4, 48, dtype=torch.bfloat16)
     with torch.no_grad(), block_kernels():
         assert torch.equal(half(xb), F.linear(xb, half.weight))
+
+
+@pytest.mark.parametrize("min_rows", [ONEDNN_ALWAYS, 3, ONEDNN_NEVER])
+def test_blocks_below_min_rows_take_f_linear(min_rows, monkeypatch):
+    layer = converted(True)
+    used = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: used.append(a[0].shape) or real(*a),
+                        raising=False)
+    with torch.no_grad(), block_kernels(min_rows=min_rows):
+        for rows in (1, 2, 3, 4, MAX_ROWS):
+            x = torch.randn(rows, 48)
+            y = layer(x)
+            if rows < min_rows:
+                assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
+    assert [shape[0] for shape in used] == [r for r in (1, 2, 3, 4, MAX_ROWS) if r >= min_rows]
 
 
 def test_weight_changed_in_place_is_repacked():

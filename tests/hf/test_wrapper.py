@@ -30,16 +30,18 @@ def wrapped(base, head_type, n_future=4, std=0.3, fast_kernels=True, fast_forwar
     return model
 
 
-@pytest.mark.parametrize("head_type,fast_kernels,fast_forward", [
-    ("residual", True, True), ("linear", True, True), ("sequential", True, True), ("sequential", False, True),
-    ("sequential", True, False), ("residual", False, False)])
-def test_greedy_modes_equal_base_generate(head_type, fast_kernels, fast_forward):
+@pytest.mark.parametrize("head_type,fast_kernels,fast_forward,min_rows", [
+    ("residual", True, True, None), ("linear", True, True, 1), ("sequential", True, True, 3),
+    ("sequential", False, True, None), ("sequential", True, False, 2), ("residual", False, False, None)])
+def test_greedy_modes_equal_base_generate(head_type, fast_kernels, fast_forward, min_rows):
     """Greedy chain/tree output equals base.generate through the lean forward (static cache) and
     HF's forward (DynamicCache), with and without the oneDNN decode kernels (the default on CPU:
-    base.generate itself keeps F.linear)."""
+    base.generate itself keeps F.linear), with the kernel crossover measured (None) or set, so
+    one-token and block passes may take different kernels."""
     from multitoken.hf.kernels import available
     base = tiny_llama(vocab=16)  # a small vocabulary, so drafts are sometimes accepted
     model = wrapped(base, head_type, fast_kernels=fast_kernels, fast_forward=fast_forward)
+    model.kernel_min_rows = min_rows
     assert model.fast_kernels == (fast_kernels and available())
     assert (model.lean_forward is not None) == fast_forward
     accepted = 0

@@ -5,7 +5,7 @@ JSON under ``$MULTITOKEN_CACHE/costs`` (default ``~/.cache/multitoken/costs``), 
 :func:`cost_key`: the model's identity (the ``identity`` dict HF wrappers carry, with its
 weight ``fingerprint``), its config, a digest of a few values of every weight, the optional
 ``cost_key`` dict a model may expose (e.g. which kernels its forward uses), the torch thread
-count and version, the device and the CPU. A missing, corrupt or foreign file is recalibrated,
+count and version, the device and the CPU (:func:`machine_key`). A missing, corrupt or foreign file is recalibrated,
 never a crash; a cache folder that cannot be written leaves the costs in memory only.
 :func:`resolve_cost_model` turns ``generate``'s ``cost_model`` argument into a CostModel or None.
 """
@@ -24,16 +24,17 @@ import torch
 from multitoken.decoding.batch import device_of
 from multitoken.decoding.cost import CostModel, calibrate
 from multitoken.errors import MultitokenError
-from multitoken.io import cache_dir, read_json, write_json
+from multitoken.io import cache_dir, cache_file, cached_record, proc_field
 from multitoken.model.protocol import decode_hint
 
-COST_FORMAT = "multitoken-costs/1"
+COST_FORMAT = "multitoken-costs/2"
+COST_FOLDER = "costs"
 COST_MODEL_CHOICES = ("auto", "off")  # besides a ready CostModel and None (= "off")
 
 
 def cost_cache_dir() -> Path:
     """:func:`multitoken.io.cache_dir` ``("costs")``."""
-    return cache_dir("costs")
+    return cache_dir(COST_FOLDER)
 
 
 def has_weights(model) -> bool:
@@ -56,14 +57,21 @@ def weights_digest(model, values: int = 16) -> str:
     return digest.hexdigest()[:16]
 
 
-def cost_key(model) -> dict:
-    """What the costs depend on (see the module docstring), as a JSON-ready dict."""
-    device = device_of(model)
-    key = {"format": COST_FORMAT, "model": type(model).__qualname__, "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "device": str(device), "machine": platform.machine(),
-           "cpus": os.cpu_count(), "n_future": model.n_future, "vocab_size": model.vocab_size}
+def machine_key(device: torch.device) -> dict:
+    """What a timing on ``device`` depends on besides the model: torch version and threads, the
+    CPU (model name, core count, architecture) and the GPU on CUDA."""
+    key = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+           "machine": platform.machine(), "cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor(),
+           "cpus": os.cpu_count()}
     if device.type == "cuda":
         key["gpu"] = torch.cuda.get_device_name(device)
+    return key
+
+
+def cost_key(model) -> dict:
+    """What the costs depend on (see the module docstring), as a JSON-ready dict."""
+    key = {"format": COST_FORMAT, "model": type(model).__qualname__, **machine_key(device_of(model)),
+           "n_future": model.n_future, "vocab_size": model.vocab_size}
     identity = decode_hint(model, "identity")
     if isinstance(identity, dict) and identity:
         key["identity"] = identity
@@ -79,36 +87,13 @@ def cost_key(model) -> dict:
 
 def cost_file(key: dict) -> Path:
     """The cache file of ``key``."""
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cost_cache_dir() / f"{name}.json"
-
-
-def load_cost_model(path: Path, key: dict) -> CostModel | None:
-    """The costs cached in ``path`` for ``key``; None when missing, corrupt or another key's."""
-    if not path.is_file():
-        return None
-    try:
-        record = read_json(path, "cost cache")
-        if not isinstance(record, dict) or record.get("key") != key:
-            return None
-        return CostModel.from_dict(record["costs"])
-    except (MultitokenError, KeyError, TypeError):
-        return None
+    return cache_file(COST_FOLDER, key)
 
 
 def cached_cost_model(model, progress: TextIO | None = sys.stderr, **calibrate_kw) -> CostModel:
     """``model``'s costs on this machine: read from the cache, else calibrated (one progress line) and cached."""
-    key = cost_key(model)
-    path = cost_file(key)
-    cost = load_cost_model(path, key)
-    if cost is None:
-        cost = calibrate(model, progress=progress, **calibrate_kw)
-        try:
-            write_json(path, {"key": key, "costs": cost.to_dict()})
-        except OSError as e:  # a read-only home must not stop decoding: the costs stay in memory
-            if progress is not None:
-                print(f"multitoken: cannot cache decode costs in {path.parent}: {e}", file=progress)
-    return cost
+    return cached_record(COST_FOLDER, cost_key(model), lambda: calibrate(model, progress=progress, **calibrate_kw),
+                         CostModel.to_dict, CostModel.from_dict, "decode costs", progress)
 
 
 def check_cost_model(cost_model) -> None:

@@ -12,8 +12,11 @@ Measured on a 2-core AMD EPYC (torch 2.13) over SmolLM2-135M's 211 linears:
 The reordered copy doubles the memory held by the linear weights. Results are float32 sums in
 another order (last-bit differences, like any batched verify pass), never bitwise-promised.
 Outside :func:`block_kernels`, with gradients enabled, for more than ``MAX_ROWS`` rows (a
-prefill) or off CPU the layer is exactly ``F.linear``, so Hugging Face ``generate`` on the same
-model is untouched.
+prefill), for fewer than the block's ``min_rows`` or off CPU the layer is exactly ``F.linear``,
+so Hugging Face ``generate`` on the same model is untouched. Where MKL's one-row product is the
+faster kernel depends on the CPU: on a 2-core AVX-512 Xeon F.linear won up to 3 rows (a one-token
+SmolLM2 pass 28 ms against 35 ms through oneDNN) and oneDNN from 4 (40 against 44 ms);
+:mod:`multitoken.hf.kernel_choice` measures the crossover once per machine.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 # linears (576x576, 576x1536, 1536x576) the reordered weight was as fast or faster up to 64 rows
 # and level with MKL at 128.
 MAX_ROWS = 64
+ONEDNN_ALWAYS, ONEDNN_NEVER = 1, MAX_ROWS + 1  # min_rows of block_kernels: every block / none
 _active = threading.local()
 
 
@@ -58,7 +62,7 @@ class BlockLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // max(1, x.shape[-1])
-        if not getattr(_active, "on", False) or rows > MAX_ROWS or torch.is_grad_enabled() \
+        if not getattr(_active, "on", False) or not _active.min_rows <= rows <= MAX_ROWS or torch.is_grad_enabled() \
                 or x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")
@@ -79,11 +83,12 @@ def install_block_linears(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def block_kernels(enabled: bool = True):
-    """While active (and ``enabled``), BlockLinear layers use the reordered-weight kernel."""
-    before = getattr(_active, "on", False)
-    _active.on = enabled
+def block_kernels(enabled: bool = True, min_rows: int = ONEDNN_ALWAYS):
+    """While active (and ``enabled``), BlockLinear layers multiply blocks of ``min_rows`` to
+    MAX_ROWS rows with the reordered weight (fewer or more: F.linear)."""
+    before = getattr(_active, "on", False), getattr(_active, "min_rows", ONEDNN_ALWAYS)
+    _active.on, _active.min_rows = enabled, min_rows
     try:
         yield
     finally:
-        _active.on = before
+        _active.on, _active.min_rows = before

@@ -30,7 +30,8 @@ from multitoken.hf.heads_files import (
 )
 from multitoken.hf.hf_forward import DynamicCacheRows, cache_keyword, hf_forward_rows
 from multitoken.hf.hidden_cache import hidden_at_layer
-from multitoken.hf.kernels import block_kernels, install_block_linears
+from multitoken.hf.kernel_choice import cached_min_rows
+from multitoken.hf.kernels import ONEDNN_NEVER, block_kernels, install_block_linears
 from multitoken.hf.lean_forward import LeanDecoderForward, lean_forward_unsupported
 from multitoken.hf.loading import HFTokenizer
 from multitoken.io import atomic_write, write_json
@@ -102,10 +103,12 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
     def __init__(self, base: nn.Module, n_future: int = 4, head_type: str = "residual", d_ff: int | None = None,
                  freeze_base: bool = True, identity: dict | None = None, fast_kernels: bool = True,
                  train_base_layers: int = 0, lora_rank: int = 0, fast_forward: bool = True):
-        """fast_kernels: decode passes of a float32 CPU base multiply through oneDNN-reordered
-        weights (:mod:`multitoken.hf.kernels`; the base's ``nn.Linear`` layers become ``BlockLinear``,
-        which is ``F.linear`` everywhere else). A block of 4 tokens then costs ~1.2x one token
-        instead of ~1.8x on a 2-core CPU, at the price of a second copy of the weights.
+        """fast_kernels: decode passes of a float32 CPU base multiply blocks of rows through
+        oneDNN-reordered weights (:mod:`multitoken.hf.kernels`; the base's ``nn.Linear`` layers
+        become ``BlockLinear``, which is ``F.linear`` everywhere else), from the block size at
+        which that is faster on this CPU (``kernel_min_rows``, measured once per machine). A block
+        of 4 tokens then costs ~1.2-1.4x one token instead of ~1.6-1.8x on a 2-core CPU, at the
+        price of a second copy of the weights.
         fast_forward: decode Llama-family bases with :class:`LeanDecoderForward` (same modules,
         same operations, a static KV cache, none of HF's per-call machinery); other bases, or
         False, use the HF forward and ``DynamicCache``.
@@ -130,6 +133,9 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
         self.draft_head: DraftVocabHead | None = None  # set_draft_vocab: drafts over N ids only
         self.fast_kernels = fast_kernels and self._device().type == "cpu" and self._dtype() == torch.float32 \
             and install_block_linears(self) > 0  # the base's linears and the heads'
+        # Blocks of at least this many rows go through oneDNN; None: measured on first decode
+        # (multitoken.hf.kernel_choice, cached per machine). Set an int to skip the measurement.
+        self.kernel_min_rows: int | None = None
         self.lean_forward = LeanDecoderForward(self.base) \
             if fast_forward and lean_forward_unsupported(self.base) is None else None
 
@@ -229,7 +235,7 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
     @torch.no_grad()
     def verify(self, state: HFDecodeState, tokens: Tensor, tree_mask: Tensor | None = None,
                depths: Tensor | None = None) -> Tensor:
-        with block_kernels(self.fast_kernels):
+        with block_kernels(self.fast_kernels, self.block_min_rows):
             if self.lean_forward is not None:
                 hidden = self.lean_forward(tokens, state.cache, depths, tree_mask)  # (B, W, d) final-norm
             else:
@@ -252,7 +258,7 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
     def draft(self, state: HFDecodeState, next_tokens: Tensor, num_draft: int,
               pick: DraftPicker) -> tuple[Tensor, Tensor]:
         self.check_num_draft(num_draft)
-        with block_kernels(self.fast_kernels):
+        with block_kernels(self.fast_kernels, self.block_min_rows):
             return self.heads.draft(state.heads, next_tokens, num_draft, pick)
 
     # ----------------------------------------------------------------- heads on disk
@@ -310,9 +316,20 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
         return model
 
     @property
+    def block_min_rows(self) -> int:
+        """Blocks of this many rows or more use oneDNN (``kernel_min_rows``, measured and cached
+        on first use when None; ONEDNN_NEVER without fast kernels)."""
+        if not self.fast_kernels:
+            return ONEDNN_NEVER
+        if self.kernel_min_rows is None:
+            self.kernel_min_rows = cached_min_rows(self)
+        return self.kernel_min_rows
+
+    @property
     def cost_key(self) -> dict:
         """Settings that change the cost of a pass (a calibration made under others is not reused)."""
-        return {"fast_kernels": bool(self.fast_kernels), "lean_forward": self.lean_forward is not None,
+        return {"fast_kernels": bool(self.fast_kernels), "kernel_min_rows": self.block_min_rows,
+                "lean_forward": self.lean_forward is not None,
                 "draft_vocab": None if self.draft_ids is None else int(self.draft_ids.numel())}
 
 

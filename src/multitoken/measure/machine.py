@@ -9,16 +9,7 @@ from pathlib import Path
 
 import torch
 
-
-def proc_field(path: str, key: str) -> str | None:
-    """The value after ``key:`` in a /proc file, or None (not Linux, or not listed)."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(key):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        return None
-    return None
+from multitoken.io import proc_field
 
 
 def machine_info(device: str = "cpu") -> dict:
