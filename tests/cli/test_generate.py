@@ -98,7 +98,7 @@ def test_tune_tree_saves_a_tree_that_generate_uses(ckpt, tmp_path, monkeypatch, 
     assert 1 <= len(paths) <= 5 and "expected tau" in capsys.readouterr().out
     out = tmp_path / "tree.json"
     assert main(["generate", "--model", str(ckpt), "--prompt", "x = ", "--mode", "tree", "--max-new-tokens", "12",
-                 "--no-eos", "--compare", "--json", str(out), "--quiet"]) == 0
+                 "--no-eos", "--compare", "--json", str(out), "--quiet", "--prompt-lookup", "0"]) == 0
     stats = json.loads(out.read_text())
     assert stats["identical"] and 1 < stats["tree_nodes_per_step"] <= len(paths) + 1  # tuned tree + root, cut near the end
     assert main(["generate", "--model", str(ckpt), "--prompt", "x = ", "--mode", "tree", "--tree-budget", "6",

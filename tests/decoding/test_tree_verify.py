@@ -73,10 +73,10 @@ def test_tree_greedy_exercises_acceptance_and_rejection():
             model = tiny_model(head_type, n_future=4, seed=seed, vocab_size=8)
             prompts = [torch.randint(0, 8, (n,), generator=torch.Generator().manual_seed(seed)) for n in (2, 5, 3)]
             plain = generate(model, prompts, 16).tokens
-            out = generate(model, prompts, 16, mode="tree", tree=HAND_TREE)
+            out = generate(model, prompts, 16, mode="tree", tree=HAND_TREE, prompt_lookup=0)  # the heads alone
             assert out.tokens == plain
             hist_static += torch.tensor(out.stats.accepted_histogram)
-            out = generate(model, prompts, 16, mode="tree", tree_budget=12)  # > vocab: forces depth 2
+            out = generate(model, prompts, 16, mode="tree", tree_budget=12, prompt_lookup=0)  # > vocab: depth 2
             assert out.tokens == plain
             hist_dynamic += torch.tensor(out.stats.accepted_histogram)
     for hist in (hist_static, hist_dynamic):
@@ -88,7 +88,7 @@ def test_chain_tree_is_self_speculative_decoding(head_type):
     model = tiny_model(head_type, n_future=4, seed=7, vocab_size=6)
     prompts = [torch.tensor([1, 2, 3]), torch.tensor([4])]
     spec = generate(model, prompts, 18, mode="spec", cost_model="off")  # every step drafts all heads, as the chain
-    chain = generate(model, prompts, 18, mode="tree", tree="chain")
+    chain = generate(model, prompts, 18, mode="tree", tree="chain", prompt_lookup=0)
     assert chain.tokens == spec.tokens
     assert chain.stats.forward_passes == spec.stats.forward_passes
     assert chain.stats.accepted_histogram == spec.stats.accepted_histogram
@@ -113,7 +113,7 @@ def test_tree_mode_errors():
 def test_num_draft_limits_tree_depth():
     model = tiny_model("residual", n_future=4, seed=1, vocab_size=8)
     prompt = torch.tensor([[1, 2, 3]])
-    out = generate(model, prompt, 20, mode="tree", tree=HAND_TREE, num_draft=1)
+    out = generate(model, prompt, 20, mode="tree", tree=HAND_TREE, num_draft=1, prompt_lookup=0)
     assert out.tokens == generate(model, prompt, 20).tokens
     assert len(out.stats.accepted_histogram) == 2 and out.stats.tree_nodes_per_step <= 3
 
@@ -153,29 +153,32 @@ def accept_first_child(p_child, mass, slot):
     return torch.ones_like(p_child) if slot == 0 else p_child / mass
 
 
-@pytest.mark.parametrize("head_type,temperature,top_k,top_p,tree,budget", [
-    ("residual", 1.0, None, None, [[0], [1], [2], [0, 0], [0, 1], [1, 0]], None),
-    ("sequential", 0.8, 3, None, None, 5),
-    ("transformer", 1.2, None, 0.9, [[0], [1], [2], [0, 0], [0, 1], [1, 0], [2, 0]], None),
+@pytest.mark.parametrize("head_type,temperature,top_k,top_p,tree,budget,lookup", [
+    ("residual", 1.0, None, None, [[0], [1], [2], [0, 0], [0, 1], [1, 0]], None, 0),
+    ("sequential", 0.8, 3, None, None, 5, 0),
+    ("transformer", 1.2, None, 0.9, [[0], [1], [2], [0, 0], [0, 1], [1, 0], [2, 0]], None, 0),
+    ("residual", 1.0, None, None, [[0], [1], [0, 0]], None, 3),  # prompt-lookup nodes grafted on
 ])
-def test_tree_sampling_preserves_the_distribution(head_type, temperature, top_k, top_p, tree, budget,
+def test_tree_sampling_preserves_the_distribution(head_type, temperature, top_k, top_p, tree, budget, lookup,
                                                    monkeypatch):
     """Empirical first-3-token distribution over 6000 independent rows vs the exact one
     (chi-square, p = 1e-4); the same test rejects a wrong rule. Rows generate 5 tokens so
     that the first tree step may accept a depth-2 path (tokens 2 and 3) plus a bonus."""
     model = tiny_model(head_type, n_future=3, seed=11, vocab_size=4, head_std=0.5)
-    prompt = torch.tensor([[1, 2, 0]])
+    prompt = torch.tensor([[1, 2, 0, 1, 2, 0, 1, 2] if lookup else [1, 2, 0]])  # lookup: repeats to copy
     n_tokens, n_rows = 3, 6000
     seqs, p = _exact_distribution(model, prompt, n_tokens, Sampler(temperature, top_k, top_p))
 
     def run():
         out = generate(model, prompt.expand(n_rows, -1), n_tokens + 2, mode="tree", tree=tree, tree_budget=budget,
-                       temperature=temperature, top_k=top_k, top_p=top_p, seed=5)
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=5, prompt_lookup=lookup,
+                       cost_model="off")  # lookup chains of full length every step
         return [t[:n_tokens] for t in out.tokens], out.stats
 
     samples, stats = run()
     hist = stats.accepted_histogram
     assert hist[0] > 0 and hist[1] > 0 and hist[2] > 0  # rejections, partial and full acceptance all happen
+    assert not lookup or sum(hist[3:]) > 0  # steps that accepted past the heads' depth: lookup nodes
     stat, crit = _chi2(seqs, p, samples)
     assert stat < crit, f"tree sampling changed the distribution: chi2={stat:.1f} >= {crit:.1f}"
     monkeypatch.setattr(tree_verify, "lossless_child_rule", accept_first_child)

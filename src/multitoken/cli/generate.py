@@ -82,6 +82,7 @@ def _check_generate_flags(args: argparse.Namespace) -> None:
     if args.mode == "draft" and not args.draft_model:
         raise UsageError("--mode draft needs --draft-model DIR")
     check_mode_arguments(args.mode, as_flags=True, draft_cost=args.draft_cost, tree=args.tree,
+                         prompt_lookup=args.prompt_lookup,
                          tree_budget=args.tree_budget, draft_model=args.draft_model)
 
 
@@ -132,7 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, draft_model=draft_model,
                         num_draft=args.num_draft, eos_id=eos, seed=args.seed, tree=tree,
                         tree_budget=args.tree_budget, on_tokens=on_tokens, truncate=args.truncate,
-                        draft_cost=args.draft_cost, cost_model=args.cost_model)
+                        draft_cost=args.draft_cost, cost_model=args.cost_model, prompt_lookup=args.prompt_lookup)
 
     def plain(batch: list[list[int]]):
         return generate(model, [torch.tensor(ids) for ids in batch], args.max_new_tokens, eos_id=eos,
@@ -230,6 +231,10 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--draft-model", help="checkpoint of the draft model for --mode draft")
     g.add_argument("--tree", help="tree for --mode tree: JSON list of paths, e.g. '[[0],[1],[0,0]]', or a preset name")
     g.add_argument("--tree-budget", type=int, help="build the tree dynamically each step with this many nodes")
+    g.add_argument("--prompt-lookup", type=int, metavar="N",
+                   help="--mode tree: also verify up to N tokens copied from where the text's last 2-3 tokens occurred "
+                        "before (prompt or output), in the same pass as the heads' tree; 0 = off (default: 8, each "
+                        "step's length from the cost model; off with --cost-model off)")
     g.add_argument("--seed", type=int, help="random seed for sampling")
     g.add_argument("--no-eos", action="store_true", help="do not stop at the tokenizer's end-of-text token")
     g.add_argument("--truncate", choices=["left"], help="drop the oldest prompt tokens that do not fit the context")

@@ -18,7 +18,7 @@ from multitoken.decoding.batch import TokenCallback, Tracker, as_rows, device_of
 from multitoken.decoding.chain import ChainStep
 from multitoken.decoding.cost import CostModel
 from multitoken.decoding.cost_cache import check_cost_model
-from multitoken.decoding.defaults import default_tree, spec_policy
+from multitoken.decoding.defaults import default_tree, lookup_setting, spec_policy
 from multitoken.decoding.loop import decode_loop
 from multitoken.decoding.sampling import Sampler
 from multitoken.decoding.stats import GenerationResult, GenerationStats
@@ -34,34 +34,38 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
              num_draft: int | None = None, eos_id: int | None = None, seed: int | None = None,
              tree=None, tree_budget: int | None = None, on_tokens: TokenCallback | None = None,
              truncate: str | None = None, draft_cost: float | None = None,
-             cost_model: CostModel | str | None = "auto") -> GenerationResult:
+             cost_model: CostModel | str | None = "auto", prompt_lookup: int | None = None) -> GenerationResult:
     """Generate up to ``max_new_tokens`` per prompt.
 
     prompt_ids: (B, T) LongTensor or a list of 1-D LongTensors of different lengths.
     mode: "ar" plain decoding; "spec" self-speculative (heads 1..num_draft draft, one pass
     verifies); "draft" a separate ``draft_model`` drafts num_draft tokens; "tree" verifies a
     candidate tree (``tree``: paths, preset, JSON or tree.json; ``tree_budget``: a dynamic tree
-    of that many nodes, see :mod:`multitoken.decoding.tree_verify`). Greedy (temperature 0)
+    of that many nodes, see :mod:`multitoken.decoding.tree_verify`; ``prompt_lookup``: also
+    verify, in the same pass, up to that many tokens copied from where the sequence's last
+    n-gram occurred before, see :mod:`multitoken.decoding.lookup`; 0 = off). Greedy (temperature 0)
     output is token-identical to "ar"; sampling preserves the "ar" distribution.
     ``truncate="left"`` drops the oldest prompt tokens that do not fit the context instead of
     raising. Defaults are cost-aware (:mod:`multitoken.decoding.defaults`): mode "spec" picks
     each step's draft length (up to num_draft) for the most expected tokens per second, and
     mode "tree" without ``tree`` / ``tree_budget`` the tree with the most expected tokens per
-    verify cost when the model offers a top-k acceptance table; the costs are calibrated once
+    verify cost when the model offers a top-k acceptance table, and without ``prompt_lookup``
+    lookup chains sized per step by cost; the costs are calibrated once
     per model and machine (:mod:`multitoken.decoding.cost_cache`). ``cost_model``: "auto"
     (that), "off" / None (every step drafts num_draft; the model's saved tree or the default
     preset) or a ready :class:`~multitoken.decoding.cost.CostModel`. ``draft_cost`` (modes
     "spec" and "draft"): the draft length from running acceptance with one more draft costing
     this fraction of a plain step instead (:mod:`multitoken.decoding.draft_length`).
     ``on_tokens(row, tokens)`` is called with each row's newly accepted tokens. The stats say
-    what was chosen (``draft_lengths``, ``tree_nodes``, ``chosen_by``). Bad arguments raise
+    what was chosen (``draft_lengths``, ``tree_nodes``, ``chosen_by``, ``prompt_lookup``). Bad arguments raise
     MultitokenError.
     """
     if mode not in MODES:
         raise MultitokenError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
     if max_new_tokens < 0:
         raise MultitokenError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    check_mode_arguments(mode, draft_cost=draft_cost, tree=tree, tree_budget=tree_budget, draft_model=draft_model)
+    check_mode_arguments(mode, draft_cost=draft_cost, tree=tree, tree_budget=tree_budget, draft_model=draft_model,
+                         prompt_lookup=prompt_lookup)
     check_cost_model(cost_model)
     device = device_of(model)
     generator = torch.Generator(device=device)
@@ -76,23 +80,27 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
         if int(r.max()) >= model.vocab_size or int(r.min()) < 0:
             raise MultitokenError(f"prompt token id out of range for vocab_size={model.vocab_size}")
     num_draft = resolve_num_draft(model, mode, num_draft, draft_model)
+    lookup, lookup_cost = 0, None
     if mode == "tree" and tree is None and tree_budget is None:  # before the clock: may calibrate once
         tree, chosen_by = default_tree(model, num_draft, len(rows), cost_model)
     elif mode == "tree":
         chosen_by = "given tree" if tree is not None else "dynamic"
+    if mode == "tree":
+        lookup, lookup_cost = lookup_setting(model, prompt_lookup, cost_model)
     else:
         policy, chosen_by = spec_policy(model, num_draft, len(rows), draft_cost,
                                         cost_model if mode == "spec" else "off")
     start = time.perf_counter()
     with torch.inference_mode():
-        tracker = Tracker(len(rows), max_new_tokens, eos_id, num_draft, on_tokens)
+        tracker = Tracker(len(rows), max_new_tokens, eos_id, num_draft + lookup, on_tokens)
         if mode == "tree":
-            stepper = TreeStep(model, sampler, num_draft, tree=tree, budget=tree_budget)
+            stepper = TreeStep(model, sampler, num_draft, tree=tree, budget=tree_budget, lookup=lookup,
+                               cost_model=lookup_cost)
         else:
             stepper = ChainStep(model, sampler, tracker, num_draft, draft_model if mode == "draft" else None, policy)
         decode_loop(model, rows, sampler, tracker, stepper, context)
     stats = GenerationStats.from_tracker(tracker, time.perf_counter() - start)
-    stats.chosen_by = chosen_by
+    stats.chosen_by, stats.prompt_lookup = chosen_by, lookup
     if mode == "tree" and stepper.static is not None:
         stats.tree_nodes = stepper.static.width - 1
     return GenerationResult(tracker.out, stats)
@@ -100,7 +108,7 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
 
 # Arguments that only one group of modes reads; given with another mode they would be ignored.
 MODE_ARGUMENTS = {"draft_cost": ("spec", "draft"), "tree": ("tree",), "tree_budget": ("tree",),
-                  "draft_model": ("draft",)}
+                  "draft_model": ("draft",), "prompt_lookup": ("tree",)}
 
 
 def check_mode_arguments(mode: str, as_flags: bool = False, **given) -> None:

@@ -120,6 +120,7 @@ class Tracker:
         self.depths = [0] * (num_draft + 1)  # verify steps by the draft depth the step was allowed
         self.drafted = 0  # drafts verified, all rows
         self.node_sum, self.node_steps = 0, 0  # tree nodes verified (root included), row-steps that did
+        self.lookup_tokens = 0  # accepted drafts that only prompt lookup proposed (tree mode)
 
     @property
     def num_draft(self) -> int:

@@ -9,6 +9,9 @@
   (``draft_acceptance``, :mod:`multitoken.model.protocol`) and a cost model is on, the Medusa
   tree of 1..15 nodes with the best expected τ per step cost at this batch size, chosen once
   per call; else the model's saved tree (``draft_tree``); else the default preset.
+* mode "tree" without ``prompt_lookup``: with a cost model, prompt-lookup chains of up to
+  DEFAULT_LOOKUP tokens grafted onto the tree, each step's length cost-aware
+  (:mod:`multitoken.decoding.lookup`); without one, no lookup.
 Every choice is verified by the base, so greedy output is plain decoding's whatever is chosen.
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from multitoken.decoding.cost import CostModel
 from multitoken.decoding.cost_cache import resolve_cost_model
 from multitoken.decoding.draft_length import DraftLengthPolicy
+from multitoken.decoding.lookup import DEFAULT_LOOKUP, check_lookup
 from multitoken.decoding.tree_presets import DEFAULT_PRESET, cost_aware_tree
 from multitoken.errors import MultitokenError
 from multitoken.model.protocol import MTPDecoderModel, decode_hint
@@ -63,3 +67,12 @@ def default_tree(model: MTPDecoderModel, num_draft: int, batch: int, cost_model)
     if saved is not None:
         return [list(p) for p in saved], "saved"
     return DEFAULT_PRESET, "preset"
+
+
+def lookup_setting(model: MTPDecoderModel, prompt_lookup: int | None, cost_model) -> tuple[int, CostModel | None]:
+    """(the longest prompt-lookup chain of mode "tree", the cost model that sizes each step's
+    chain or None): ``prompt_lookup`` None = DEFAULT_LOOKUP where a cost model is on, else 0."""
+    cost = resolve_cost_model(model, cost_model)
+    if prompt_lookup is None:
+        return (DEFAULT_LOOKUP if cost is not None else 0), cost
+    return check_lookup(prompt_lookup), cost

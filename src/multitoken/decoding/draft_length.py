@@ -13,6 +13,8 @@ Output is unaffected: every k is exact.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from multitoken.decoding.cost import CostModel
 from multitoken.decoding.sampling import is_finite_number
 from multitoken.errors import MultitokenError
@@ -49,14 +51,18 @@ class DraftLengthPolicy:
             return 1.0 + k * self.draft_cost
         return self.cost_model.step_cost(k, self.batch)
 
-    def choose(self) -> int:
-        """Drafts to verify next step (0..max_draft)."""
-        best_k, expected, survive = 0, 1.0, 1.0
-        best = 1.0 / max(self.step_cost(0), 1e-12)
+    def choose(self, base: float = 1.0, cost_of: Callable[[int], float] | None = None) -> int:
+        """Drafts to verify next step (0..max_draft). ``base``: tokens a step emits without any of
+        these drafts (1: the bonus token; more when they are added to other drafts, as prompt
+        lookup adds to the heads' tree); ``cost_of(k)``: the step's cost with k of them
+        (default :meth:`step_cost`)."""
+        cost_of = self.step_cost if cost_of is None else cost_of
+        best_k, expected, survive = 0, base, 1.0
+        best = base / max(cost_of(0), 1e-12)
         for k, rate in enumerate(self.rates(), start=1):
             survive *= rate
             expected += survive
-            ratio = expected / max(self.step_cost(k), 1e-12)
+            ratio = expected / max(cost_of(k), 1e-12)
             if ratio > best:
                 best_k, best = k, ratio
         if best_k == 0:

@@ -33,6 +33,7 @@ class StepResult:
     accepted: list[int]  # per row: drafts accepted
     drafted: list[int] | None  # per row: drafts verified on the accepted path; None = a plain step (not recorded)
     nodes: list[int] | None = None  # per row: tree nodes verified, root included (tree mode only)
+    from_lookup: list[int] | None = None  # per row: accepted drafts that only prompt lookup proposed
 
 
 class Stepper(Protocol):
@@ -104,5 +105,7 @@ def decode_loop(model: MTPDecoderModel, rows: list[Tensor], sampler: Sampler, tr
                 tracker.node_steps += 1
             if result.drafted is not None:
                 tracker.record(b, result.accepted[i], result.drafted[i])
+            if result.from_lookup is not None:
+                tracker.lookup_tokens += result.from_lookup[i]
             tracker.emit(b, result.emitted[i])
         pending = result.next_tokens

@@ -24,6 +24,8 @@ class GenerationStats:
     draft_lengths: list[int] = field(default_factory=list)  # verify steps by draft length chosen (0..num_draft)
     tree_nodes: int = 0  # mode="tree", static tree: its draft nodes (root excluded), as chosen
     chosen_by: str = ""  # how draft lengths / the tree were chosen (see multitoken.decoding.defaults)
+    prompt_lookup: int = 0  # mode="tree": the longest prompt-lookup chain a step could graft (0 = off)
+    lookup_tokens: int = 0  # ... and the accepted drafts that only lookup proposed
 
     @staticmethod
     def mean_accept_length(tokens: int, row_passes: int) -> float:
@@ -45,7 +47,7 @@ class GenerationStats:
             accepted_histogram=tracker.histogram,
             tokens_per_s=new_tokens / wall_s if wall_s > 0 else 0.0, wall_s=wall_s,
             tree_nodes_per_step=tracker.node_sum / tracker.node_steps if tracker.node_steps else 0.0,
-            draft_lengths=tracker.depths,
+            draft_lengths=tracker.depths, lookup_tokens=tracker.lookup_tokens,
         )
 
     def to_dict(self) -> dict:

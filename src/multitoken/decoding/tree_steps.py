@@ -58,7 +58,7 @@ class StepTree:
         return t if t.dim() == want else t.expand(self.parents.shape[0], *t.shape)
 
 
-def _children(parents: list[int]) -> list[list[int]]:
+def child_lists(parents: list[int]) -> list[list[int]]:
     """Child lists per node. Both static (sorted paths) and dynamic (best-first) node orders
     list siblings in rank order, so children come out in rank order too."""
     kids: list[list[int]] = [[] for _ in parents]
@@ -68,12 +68,12 @@ def _children(parents: list[int]) -> list[list[int]]:
     return kids
 
 
-def _step_tree_from_rows(rows: list[tuple[list[int], list[int], list[int]]], device) -> StepTree:
+def step_tree_from_rows(rows: list[tuple[list[int], list[int], list[int]]], device) -> StepTree:
     """rows: per batch row (parents, depths, ranks) in topological order, root first."""
     width = max(len(p) for p, _, _ in rows)
     # Pad in Python and convert once: per-row tensor building dominates large batches.
     pad = lambda xs, v: xs + [v] * (width - len(xs))  # noqa: E731
-    kids = [_children(p) for p, _, _ in rows]
+    kids = [child_lists(p) for p, _, _ in rows]
     fan = max(1, max(len(k) for ks in kids for k in ks))
     children = [[k + [-1] * (fan - len(k)) for k in ks] + [[-1] * fan] * (width - len(ks)) for ks in kids]
     parents = torch.tensor([pad(p, -1) for p, _, _ in rows], dtype=torch.long)
@@ -88,7 +88,7 @@ def _step_tree_from_rows(rows: list[tuple[list[int], list[int], list[int]]], dev
 def static_step_tree(tree: FlatTree, batch: int, device) -> StepTree:
     """Every row uses the same static tree: the mask and depths stay (W, W) and (W,)."""
     parents, ranks = tree.parents.tolist(), tree.ranks.tolist()
-    one = _step_tree_from_rows([(parents, tree.depths.tolist(), ranks)], device)
+    one = step_tree_from_rows([(parents, tree.depths.tolist(), ranks)], device)
     expand = lambda t: t.expand(batch, *t.shape[1:])  # noqa: E731
     return StepTree(one.mask[0], one.depths[0], expand(one.parents), expand(one.heads), expand(one.ranks),
                     expand(one.children), expand(one.nodes))
@@ -140,12 +140,12 @@ def dynamic_tree_paths(head_probs: Sequence[Sequence[float]], budget: int) -> li
 def dynamic_step_tree(probs: Tensor, budget: int) -> StepTree:
     """probs: (B, k, K) the heads' top-K candidate probabilities (descending) -> per-row trees
     of at most ``budget`` draft nodes, padded to a common width."""
-    return _step_tree_from_rows([dynamic_tree_nodes(row, budget) for row in probs.tolist()], probs.device)
+    return step_tree_from_rows([dynamic_tree_nodes(row, budget) for row in probs.tolist()], probs.device)
 
 
 def root_only_tree(batch: int, device) -> StepTree:
     """No drafts (a plain step): the tree is the pending token alone."""
-    return _step_tree_from_rows([([-1], [0], [-1])] * batch, device)
+    return step_tree_from_rows([([-1], [0], [-1])] * batch, device)
 
 
 def tree_tokens(tree: StepTree, pending: Tensor, candidates: Tensor | None) -> Tensor:

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from multitoken.decoding.loop import StepResult
+from multitoken.decoding.cost import CostModel
+from multitoken.decoding.lookup import LookupDrafter, check_lookup, graft_chains
 from multitoken.decoding.sampling import Sampler
 from multitoken.decoding.tree_flat import FlatTree, flatten_tree
 from multitoken.decoding.tree_presets import resolve_tree
@@ -56,13 +58,17 @@ class TreeStep:
     this many draft nodes per row each step instead (ranked by the product of the heads'
     softmax probabilities, warped like the target when sampling). Trees are cut to
     ``num_draft`` levels and to what the rows may still emit.
+    lookup: also graft, each step, a prompt-lookup continuation of up to this many tokens onto
+    the tree (:mod:`multitoken.decoding.lookup`; 0 = off); it may reach past the heads' depth;
+    with ``cost_model`` its length is chosen per step for the most expected tokens per cost.
     child_rule: acceptance rule for sampling (tests inject wrong ones).
     Each step reports the real nodes it verified per row (root included) and, on the chosen
     path, the drafts accepted and verified.
     """
 
     def __init__(self, model: MTPDecoderModel, sampler: Sampler, num_draft: int, tree=None,
-                 budget: int | None = None, child_rule: ChildRule | None = None):
+                 budget: int | None = None, child_rule: ChildRule | None = None, lookup: int = 0,
+                 cost_model: CostModel | None = None):
         if tree is not None and budget is not None:
             raise MultitokenError("give either a static tree or a dynamic tree budget, not both")
         self.model, self.sampler, self.k, self.budget = model, sampler, num_draft, budget
@@ -75,15 +81,18 @@ class TreeStep:
         else:
             self.static = resolve_static_tree(tree, model).truncated(num_draft)
             width_max = self.static.width
-        self.extra_capacity = width_max + model.n_future + 2
+        self.lookup, self.cost_model = check_lookup(lookup), cost_model
+        self.lookup_drafter: LookupDrafter | None = None
+        self.extra_capacity = width_max + self.lookup + model.n_future + 2
         self.step_trees: dict[int, StepTree | None] = {}  # static tree per depth limit, for this batch size
         self.can_select = True
 
     def start(self, state, rows: list[Tensor]) -> None:
         self.batch, self.device = len(rows), rows[0].device
+        self.lookup_drafter = LookupDrafter(rows, self.lookup, self.cost_model) if self.lookup else None
 
     def want(self) -> int:
-        return self.k
+        return self.k + self.lookup  # a lookup chain may reach past the heads
 
     def _draft(self, state, pending: Tensor, depth: int) -> tuple[StepTree | None, Tensor | None]:
         """This step's tree and its candidates (B, d, K) top-K token ids of heads 1..d (None, None: no drafts)."""
@@ -105,10 +114,16 @@ class TreeStep:
         return (None, None) if step.max_depth == 0 else (step, candidates)
 
     def step(self, state, pending: Tensor, depth: int) -> StepResult:
-        step, candidates = self._draft(state, pending, depth) if depth > 0 else (None, None)
+        heads_depth = min(depth, self.k)
+        step, candidates = self._draft(state, pending, heads_depth) if heads_depth > 0 else (None, None)
         if step is None:
             step = root_only_tree(self.batch, self.device)
         tokens = tree_tokens(step, pending, candidates)  # (B, W)
+        if self.lookup_drafter is not None and depth > 0:
+            chains = self.lookup_drafter.propose(pending, depth, step.width, step.max_depth)
+            if any(chains):
+                step, tokens = graft_chains(step, tokens, chains)  # (B, W') with the lookup nodes
+        self.pending = pending
         logits = self.model.verify(state, tokens, step.mask, step.depths)  # (B, W, V)
         if self.sampler.greedy:
             node, nxt = greedy_path(step, tokens, logits)
@@ -121,11 +136,16 @@ class TreeStep:
         accepted = [c - 1 for c in counts_l]
         emitted = [path_tokens[b][1: counts_l[b]] + [nxt_l[b]] for b in range(self.batch)]
         drafted = [a + int(h) for a, h in zip(accepted, has_kids)] if step.max_depth > 0 else None
-        return StepResult(nxt, counts, keep, emitted, accepted, drafted, step.nodes.tolist())
+        # Accepted nodes that only lookup proposed (rank -1, the root excepted; keep is 0-padded).
+        from_lookup = ((step.ranks.gather(1, keep) < 0) & (keep > 0)).sum(1).tolist() if self.lookup else None
+        return StepResult(nxt, counts, keep, emitted, accepted, drafted, step.nodes.tolist(), from_lookup)
 
     def committed(self, result: StepResult, counts: Tensor, active: list[bool]) -> None:
-        pass
+        if self.lookup_drafter is not None:
+            self.lookup_drafter.commit(self.pending, result.emitted, result.from_lookup, active)
 
     def select(self, index: Tensor) -> None:
         self.batch = index.shape[0]
+        if self.lookup_drafter is not None:
+            self.lookup_drafter.select(index)
         self.step_trees.clear()  # static step trees are expanded to the batch size

@@ -3,7 +3,9 @@
 One process, prompts interleaved (every decoder runs batch i before any runs batch i+1, so
 machine noise hits all alike), greedy, the same ``max_new_tokens``, EOS stops. Decoders:
 multitoken plain (``ar``), chain (``spec``, and ``spec_adaptive`` with each step's draft
-length chosen at ``draft_cost``), draft-model (``draft``) and tree (``tree``); on a model
+length chosen at ``draft_cost``), draft-model (``draft``), tree (``tree``: the library default,
+prompt-lookup chains grafted on where a cost model is on) and the heads' tree alone
+(``tree_heads``); on a model
 that wraps a Hugging Face base (:class:`~multitoken.hf.wrapper.MTPHeadsForCausalLM`) also HF
 ``generate`` greedy (``hf``, batched with left padding and an attention mask) and HF
 prompt-lookup decoding (``hf_pld``, batch 1 only). A multitoken decoder name with the
@@ -27,13 +29,14 @@ from multitoken.errors import MultitokenError
 from multitoken.io import write_json
 
 HF_DECODERS = ("hf", "hf_pld")
-MULTITOKEN_DECODERS = ("ar", "spec", "spec_full", "spec_adaptive", "draft", "tree")
+MULTITOKEN_DECODERS = ("ar", "spec", "spec_full", "spec_adaptive", "draft", "tree_heads", "tree")
 DECODERS = HF_DECODERS + MULTITOKEN_DECODERS
 MASKED = ":mask"  # suffix of a multitoken decoder run with finished rows masked, not dropped
 LABELS = {"hf": "HF generate greedy", "hf_pld": "HF prompt lookup", "ar": "multitoken plain",
           "spec": "multitoken chain", "spec_full": "multitoken chain, all heads every step",
           "spec_adaptive": "multitoken chain, adaptive k",
-          "draft": "multitoken draft model", "tree": "multitoken tree"}
+          "draft": "multitoken draft model", "tree_heads": "multitoken tree, heads only",
+          "tree": "multitoken tree (+ prompt lookup)"}
 
 
 def decoder_label(decoder: str) -> str:
@@ -90,6 +93,7 @@ class _Runner:
                        "spec_adaptive": {"num_draft": num_draft, "draft_cost": draft_cost},
                        "draft": {"num_draft": num_draft, "draft_model": draft_model},
                        "tree": {"num_draft": num_draft, "tree": tree, "tree_budget": tree_budget}, "ar": {}}
+        self.kwargs["tree_heads"] = {**self.kwargs["tree"], "prompt_lookup": 0}
 
     def __call__(self, decoder: str, rows: Sequence[Sequence[int]], max_new: int):
         name = decoder.removesuffix(MASKED)
@@ -97,7 +101,7 @@ class _Runner:
             pld = self.pld_tokens if name == "hf_pld" else None
             return hf_generate_rows(hf_base(self.model), rows, max_new, self.eos_id, pld)
         model = self.masked if decoder.endswith(MASKED) else self.model
-        mode = "spec" if name.startswith("spec") else name
+        mode = next((m for m in ("spec", "tree") if name.startswith(m)), name)
         out = generate(model, [torch.tensor(list(r), dtype=torch.long) for r in rows], max_new, mode=mode,
                        eos_id=self.eos_id, **self.kwargs[name])
         return out.tokens, out.stats.wall_s, out.stats
@@ -192,7 +196,7 @@ def _pooled_row(batches: list[dict], tokens: int, d: str) -> dict:
            "acceptance_rates": [a / n if n else 0.0 for a, n in zip(acc, att)],
            "forward_passes": sum(b[d]["passes"] for b in batches),
            "draft_forward_passes": sum(b[d]["draft_passes"] for b in batches)}
-    if d.removesuffix(MASKED) == "tree":
+    if d.removesuffix(MASKED).startswith("tree"):
         row["tree_nodes_per_step"] = sum(b[d]["nodes"] for b in batches) / max(1, row_passes)
         row["tree_nodes"] = sorted({b[d]["tree_nodes"] for b in batches if b[d]["tree_nodes"] is not None})
     row["chosen_by"] = sorted({b[d]["chosen_by"] for b in batches if b[d]["chosen_by"]})  # how k / the tree was set

@@ -17,14 +17,14 @@ def choose_decoders(model, modes: Sequence[str], draft_model=None, adaptive: boo
     """The decoders a benchmark of ``modes`` runs on ``model``, reference first.
 
     On an HF base: HF greedy (the reference), then those of ``modes`` that run there (HF prompt
-    lookup at batch size 1 only, plain, chain, adaptive chain, tree). On a native model: plain
+    lookup at batch size 1 only, and every multitoken decoder but ``draft``). On a native model: plain
     (the reference), then ``modes`` but the HF ones and ``draft`` without a draft model (see
     :func:`dropped_draft`). ``adaptive`` adds the adaptive chain right after ``spec``;
     ``mask_finished`` adds, after each multitoken decoder, its run with finished rows masked
     instead of dropped (``:mask``).
     """
     if hf_base(model) is not None:
-        usable = ("ar", "spec", "spec_full", "spec_adaptive", "tree") + (("hf_pld",) if batch_size == 1 else ())
+        usable = tuple(d for d in MULTITOKEN_DECODERS if d != "draft") + (("hf_pld",) if batch_size == 1 else ())
         decoders = ["hf"] + [m for m in modes if m in usable]
     else:
         decoders = ["ar"] + [m for m in modes if m not in HF_DECODERS and not (m == "draft" and draft_model is None)]
