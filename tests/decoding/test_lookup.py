@@ -149,21 +149,25 @@ def test_lookup_is_on_by_default_only_with_a_cost_model():
     assert generate(model, prompt, 30, mode="tree", tree=[[0]], cost_model=flat, prompt_lookup=0).stats.lookup_tokens == 0
 
 
-def test_the_chain_length_follows_cost_and_acceptance():
-    """A flat cost grafts the longest chain; where every node costs 0.2 of a step and copied chains
-    keep failing, the drafter stops grafting (but for an occasional one-token probe)."""
+def test_grafting_follows_cost_and_gain():
+    """A flat cost always grafts; where each node costs 0.2 of a step, grafting stops once copies
+    keep failing (but for a short probe every 4th step), and goes on while they keep paying."""
     from multitoken.decoding.cost import CostModel
     from multitoken.decoding.lookup import LookupDrafter
     rows = [torch.tensor([1, 2, 3, 1, 2, 3, 1, 2])]
     pending = torch.tensor([3])
     flat = LookupDrafter(rows, 5, CostModel([1], [1, 16], [[1.0, 1.0]]))
     assert flat.propose(pending, 8, tree_width=3, tree_depth=2) == [[1, 2, 3, 1, 2]]
-    steep = LookupDrafter(rows, 5, CostModel([1], [1, 16], [[1.0, 4.0]]))  # each node 0.2 of a step
-    lengths = []
-    for _ in range(16):
-        chain = steep.propose(pending, 8, tree_width=3, tree_depth=2)[0]
-        lengths.append(len(chain))
-        steep.commit(pending, [[9]], [0], [True])  # the copy was wrong: the target said 9
-        steep.history.rows = [rows[0].tolist()]  # keep the same context every step
-    assert lengths[0] > 0 and lengths[-8:].count(0) >= 7
-    assert LookupDrafter(rows, 5, None).propose(pending, 3, 3, 2) == [[1, 2, 3]]  # no costs: the longest, cut to depth
+    sloped = CostModel([1], [1, 16], [[1.0, 4.0]])
+    for gained, expect_on in ((0, False), (5, True)):
+        drafter = LookupDrafter(rows, 5, sloped)
+        grafted = []
+        for _ in range(24):
+            chain = drafter.propose(pending, 8, tree_width=3, tree_depth=2)[0]
+            grafted.append(len(chain))
+            emitted = chain + [9] if gained else [9]  # the copy held (5 tokens + a bonus), or the target said 9
+            drafter.commit(pending, [emitted], [gained if chain else 0], [len(chain)], [True])
+            drafter.history.rows = [rows[0].tolist()]  # the same context every step
+        assert grafted[0] == 5  # tried at first
+        assert grafted == [5] * 24 if expect_on else grafted[-12:] == [0, 0, 4, 0] * 3  # off: 4-token probes
+    assert LookupDrafter(rows, 5, None).propose(pending, 3, 3, 2) == [[1, 2, 3]]  # no costs: always, cut to depth

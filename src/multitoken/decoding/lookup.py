@@ -13,12 +13,13 @@ Lookup nodes are deterministic candidates like the heads' (one-hot q), and sibli
 distinct, so greedy tree verification still emits plain greedy's tokens and lossless tree
 sampling still samples the target's distribution.
 
-:class:`LookupDrafter` decides, each step, how long a chain to graft: with a calibrated
-:class:`~multitoken.decoding.cost.CostModel`, the length that maximises expected tokens per
-step cost, the chain's per-position acceptance estimated from the steps so far (a
-:class:`~multitoken.decoding.draft_length.DraftLengthPolicy` over lookup positions, on top of
-the tokens the heads' tree delivers alone), so prose, where copied guesses rarely hold, grafts
-little and code that restates its prompt grafts long chains; without one, always the maximum.
+:class:`LookupDrafter` decides, each step, whether to graft: with a calibrated
+:class:`~multitoken.decoding.cost.CostModel` it grafts when the tokens lookup-only nodes have
+recently added per proposal, over the verify cost their extra width adds, beat the tokens
+per cost of the step without them; prose, where copied guesses rarely hold beyond what the
+heads already guessed, then grafts only now and then (a probe that keeps the estimate fresh),
+and code that restates its prompt grafts every time it finds a match. Without a cost model
+it always grafts.
 """
 from __future__ import annotations
 
@@ -28,14 +29,13 @@ import torch
 from torch import Tensor
 
 from multitoken.decoding.cost import CostModel
-from multitoken.decoding.draft_length import DraftLengthPolicy
 from multitoken.decoding.tree_steps import StepTree, child_lists, step_tree_from_rows
 from multitoken.errors import MultitokenError
 
 # Longest and shortest suffix matched, longest first (HF's prompt lookup: 2..1). One-token
 # matches were measured to propose mostly wrong chains on SmolLM2's prose answers.
 LOOKUP_NGRAMS = (3, 2)
-DEFAULT_LOOKUP = 8  # tokens a chain may propose per step when lookup is on by default
+DEFAULT_LOOKUP = 12  # tokens a chain may propose per step when lookup is on by default
 
 
 def check_lookup(lookup, ngrams: Sequence[int] = LOOKUP_NGRAMS) -> int:
@@ -129,57 +129,66 @@ class LookupHistory:
         self.rows = [self.rows[i] for i in index.tolist()]
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class LookupDrafter:
-    """One decode's prompt lookup: the rows' histories, and each step's chain length (see the module docstring).
+    """One decode's prompt lookup: the rows' histories, and whether a step grafts (see the module docstring).
 
-    max_tokens: the longest chain; cost_model: None = always ``max_tokens`` (cut to the step's depth).
+    max_tokens: the longest chain; cost_model: None = graft whenever a continuation is found.
+    Running means (decay ``decay`` per row-step that proposed) of the tokens accepted on
+    lookup-only nodes (starting at 1, so lookup gets tried) and of the nodes a graft adds; while
+    grafting does not pay, every ``probe_every``-th step with a match grafts its first
+    ``probe_tokens`` tokens only, a cheap test of whether copying pays again.
     """
 
     def __init__(self, rows: Sequence[Tensor], max_tokens: int, cost_model: CostModel | None = None,
-                 ngrams: Sequence[int] = LOOKUP_NGRAMS, decay: float = 0.9):
+                 ngrams: Sequence[int] = LOOKUP_NGRAMS, decay: float = 0.8, probe_every: int = 4,
+                 probe_tokens: int = 4):
         self.history, self.max_tokens, self.ngrams = LookupHistory(rows), check_lookup(max_tokens, ngrams), ngrams
-        self.cost_model, self.decay = cost_model, decay
-        self.policy = DraftLengthPolicy(max_tokens, cost_model=cost_model, batch=len(rows)) \
-            if cost_model is not None and max_tokens > 0 else None
-        self.base = 1.5  # decayed mean tokens per row-step the tree delivers alone (prior: 1.5)
+        self.cost_model, self.decay, self.batch = cost_model, decay, len(rows)
+        self.probe_every, self.probe_tokens = probe_every, probe_tokens
+        self.gain = 1.0  # tokens accepted on lookup-only nodes per proposal
+        self.added = max_tokens / 2  # nodes a graft adds per proposal
+        self.base = 1.5  # tokens per row-step without lookup-only nodes
+        self.skipped = 0  # steps in a row that the cost said not to graft
         self.chains: list[list[int]] = []
 
+    def graft_length(self, tree_width: int, tree_depth: int) -> int:
+        """Tokens to graft this step: all when gain / extra cost > base / cost, else 0 or, every
+        ``probe_every``-th such step, ``probe_tokens``."""
+        if self.cost_model is None:
+            return self.max_tokens
+        cost = self.cost_model.step_cost(tree_depth, self.batch, tree_width)
+        extra = self.cost_model.step_cost(tree_depth, self.batch, tree_width + round(self.added)) - cost
+        if self.gain * cost > self.base * extra:
+            self.skipped = 0
+            return self.max_tokens
+        self.skipped += 1
+        return self.probe_tokens if self.skipped % self.probe_every == 0 else 0
+
     def propose(self, pending: Tensor, depth: int, tree_width: int, tree_depth: int) -> list[list[int]]:
-        """Each row's chain for this step: at most ``depth`` tokens; ``tree_width`` / ``tree_depth``:
-        the heads' tree it is grafted on (root included / draft levels), for the cost."""
+        """Each row's chain for this step (at most ``depth`` tokens, [] where none is found or it
+        does not pay); ``tree_width`` / ``tree_depth``: the heads' tree it is grafted on (root
+        included / draft levels), for the cost."""
         length = min(self.max_tokens, depth)
-        if self.policy is not None and length > 0:
-            batch, cost = self.policy.batch, self.cost_model
-            length = min(length, self.policy.choose(
-                self.base, lambda n: cost.step_cost(tree_depth, batch, tree_width + n)))
-        self.chains = self.history.continuations(pending, length, self.ngrams) if length > 0 \
-            else [[] for _ in range(pending.shape[0])]
+        found = self.history.continuations(pending, length, self.ngrams) if length > 0 else []
+        keep = self.graft_length(tree_width, tree_depth) if any(found) else 0
+        self.chains = [chain[:keep] for chain in found] if keep else [[] for _ in range(pending.shape[0])]
         return self.chains
 
     def commit(self, pending: Tensor, emitted: Sequence[Sequence[int]], from_lookup: Sequence[int],
-               active: Sequence[bool]) -> None:
+               added: Sequence[int], active: Sequence[bool]) -> None:
         """After the step: ``emitted`` per row (accepted drafts + next token), ``from_lookup`` of
-        them accepted on lookup-only nodes. Updates the acceptance estimates and the histories."""
-        for chain, out, gained, on in zip(self.chains, emitted, from_lookup, active):
+        them accepted on lookup-only nodes, ``added`` nodes its graft added. Updates the running
+        means and the histories."""
+        d = self.decay
+        for chain, out, gained, new, on in zip(self.chains, emitted, from_lookup, added, active):
             if not on:
                 continue
-            if chain and self.policy is not None:
-                self.policy.update(min(common_prefix(chain, out), len(chain)), len(chain))
-            self.base = self.decay * self.base + (1 - self.decay) * (len(out) - gained)
+            if chain:
+                self.gain, self.added = d * self.gain + (1 - d) * gained, d * self.added + (1 - d) * new
+            self.base = d * self.base + (1 - d) * (len(out) - gained)
         self.history.commit(pending, emitted, active)
 
     def select(self, index: Tensor) -> None:
         self.history.select(index)
         self.chains = [self.chains[i] for i in index.tolist()] if self.chains else []
-        if self.policy is not None:
-            self.policy.batch = index.shape[0]
+        self.batch = index.shape[0]

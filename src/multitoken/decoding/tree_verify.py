@@ -119,10 +119,13 @@ class TreeStep:
         if step is None:
             step = root_only_tree(self.batch, self.device)
         tokens = tree_tokens(step, pending, candidates)  # (B, W)
+        self.added = [0] * self.batch
         if self.lookup_drafter is not None and depth > 0:
             chains = self.lookup_drafter.propose(pending, depth, step.width, step.max_depth)
             if any(chains):
+                before = step.nodes
                 step, tokens = graft_chains(step, tokens, chains)  # (B, W') with the lookup nodes
+                self.added = (step.nodes - before).tolist()
         self.pending = pending
         logits = self.model.verify(state, tokens, step.mask, step.depths)  # (B, W, V)
         if self.sampler.greedy:
@@ -142,7 +145,7 @@ class TreeStep:
 
     def committed(self, result: StepResult, counts: Tensor, active: list[bool]) -> None:
         if self.lookup_drafter is not None:
-            self.lookup_drafter.commit(self.pending, result.emitted, result.from_lookup, active)
+            self.lookup_drafter.commit(self.pending, result.emitted, result.from_lookup, self.added, active)
 
     def select(self, index: Tensor) -> None:
         self.batch = index.shape[0]
