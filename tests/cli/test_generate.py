@@ -226,7 +226,7 @@ def test_prompts_jsonl_in_batches(ckpt, tmp_path, capsys):
 @pytest.mark.parametrize("content,flags,needle", [
     ('{"prompt": "a"}\nnot json\n', [], "p.txt:2: not valid JSON"),
     ('{"prompt": 3}\n', [], 'p.txt:1: expected a "prompt" or "text" string field'),
-    ("\n\n", [], "holds no prompt"),
+    ("\n\n", [], "p.txt: no prompts"),
     ("a\n", ["--batch-size", "0"], "--batch-size must be >= 1"),
     ("a\n", ["--prompt", "b"], "give one of --prompt, --prompt-file and --prompts"),
 ])

@@ -84,13 +84,18 @@ def test_user_files(tmp_path):
     assert rq.load_bench_requests(good) == [rq.Request("a", "code", "Write a function."),
                                             rq.Request("b", "prose", "Explain tides.")]
     text = tmp_path / "mine.txt"
-    text.write_text("# my prompts\nWhy is the sea salty?\n\nWrite a haiku.\\nMake it sad.\n", encoding="utf-8")
-    assert rq.load_bench_requests(text) == [rq.Request("user-1", "user", "Why is the sea salty?"),
-                                            rq.Request("user-2", "user", "Write a haiku.\nMake it sad.")]
-    (tmp_path / "empty.txt").write_text("# nothing\n", encoding="utf-8")
+    text.write_text("# a line is a prompt, verbatim\nWhy is the sea salty?\n\nprint('a\\n')\n", encoding="utf-8")
+    assert rq.load_bench_requests(text) == [rq.Request("user-1", "user", "# a line is a prompt, verbatim"),
+                                            rq.Request("user-2", "user", "Why is the sea salty?"),
+                                            rq.Request("user-3", "user", "print('a\\n')")]
+    plain = tmp_path / "plain.jsonl"  # JSONL without ids and groups: the one prompt reader's format
+    plain.write_text('{"prompt": "Write a haiku.\\nMake it sad."}\n{"text": "Explain tides."}\n', encoding="utf-8")
+    assert [(r.group, r.prompt) for r in rq.load_bench_requests(plain)] == [
+        ("user", "Write a haiku.\nMake it sad."), ("user", "Explain tides.")]
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
     (tmp_path / "latin1.jsonl").write_bytes(b'{"id": "a", "group": "code", "prompt": "caf\xe9"}\n')
-    for name, words in [("empty.txt", "no prompts"), ("empty.jsonl", "no requests"), ("missing.txt", "cannot read"),
+    for name, words in [("empty.txt", "no prompts"), ("empty.jsonl", "no prompts"), ("missing.txt", "cannot read"),
                         ("latin1.jsonl", "cannot read")]:
         with pytest.raises(MultitokenError, match=words):
             rq.load_bench_requests(tmp_path / name)

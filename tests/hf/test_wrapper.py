@@ -99,3 +99,21 @@ def test_heads_save_load_round_trip_and_mismatch(tmp_path):
 def test_bad_head_type_is_refused():
     with pytest.raises(ValueError, match="head_type"):
         MTPHeadsForCausalLM(tiny_llama(), 3, "transformer")
+
+
+def test_verify_last_scores_the_last_prompt_positions_as_verify_does():
+    """The prefill path that skips the vocabulary head on all but each row's last prompt token."""
+    base = tiny_llama(vocab=16)
+    prompts = torch.randint(0, 16, (3, 7), generator=torch.Generator().manual_seed(0))
+    last = torch.tensor([6, 3, 5])
+    results = []
+    for method in ("verify", "verify_last"):
+        model = wrapped(base, "sequential")
+        model.kernel_min_rows = 1
+        state = model.new_state(3, 16)
+        out = model.verify(state, prompts) if method == "verify" else model.verify_last(state, prompts, last)
+        model.accept(state, None, last + 1)
+        results.append((out, model.verify(state, prompts[:, :1])))  # the cache it left behind
+    full, rows = results[0][0], torch.arange(3)
+    torch.testing.assert_close(results[1][0], full[rows, last], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-5)

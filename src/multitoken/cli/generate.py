@@ -9,8 +9,9 @@ from pathlib import Path
 
 from multitoken.cli.common import (UsageError, add_decode_path_flags, add_draft_cost_flag, check_outputs,
                                    library_default, load_decoder, model_dir, tree_for)
+from multitoken.data import parse_prompts
 from multitoken.decoding import MODES, tune_tree, tuning_top_k
-from multitoken.io import json_object, write_json
+from multitoken.io import write_json
 
 
 def _read_text(path: str) -> str:
@@ -23,21 +24,9 @@ def _read_text(path: str) -> str:
 
 
 def _prompt_list(path: str) -> list[str]:
-    """``--prompts FILE``: one prompt per non-empty line, or, when the first non-empty line starts
-    with ``{``, JSONL whose objects carry the prompt in a "prompt" or "text" field."""
-    lines = [(n, ln) for n, ln in enumerate(_read_text(path).splitlines(), start=1) if ln.strip()]
-    if not lines:
-        raise UsageError(f"{path} holds no prompt (one per non-empty line, or JSONL with a \"prompt\" field)")
-    if not lines[0][1].lstrip().startswith("{"):
-        return [ln for _, ln in lines]
-    prompts = []
-    for n, ln in lines:
-        record = json_object(ln, f"{path}:{n}", UsageError)
-        value = record.get("prompt", record.get("text"))
-        if not isinstance(value, str):
-            raise UsageError(f"{path}:{n}: expected a \"prompt\" or \"text\" string field")
-        prompts.append(value)
-    return prompts
+    """``--prompts FILE``: :func:`multitoken.data.parse_prompts` (one prompt per non-empty line,
+    or JSONL with a "prompt" or "text" field) of the file, bad UTF-8 replaced with a warning."""
+    return parse_prompts(_read_text(path), path)
 
 
 def _prompt_texts(args: argparse.Namespace) -> list[str]:

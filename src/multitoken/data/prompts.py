@@ -7,7 +7,7 @@
   template. Both are disjoint from every benchmark prompt;
 * benchmark prompts: :func:`validation_prompts` (native models: raw validation-split windows),
   :data:`CODE_INSTRUCTION` + :func:`code_snippets` on the validation split and :data:`PROSE_PROMPTS`
-  (chat models), :func:`read_prompts` for a user's file.
+  (chat models), :func:`read_prompts` for a user's file (the one reader of prompt files).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Iterator, Sequence, TypeVar
 
 from multitoken.data.corpus import STDLIB, iter_documents, split_of
 from multitoken.errors import MultitokenError
+from multitoken.io import json_object
 
 T = TypeVar("T")
 PROSE = "<prose>"  # data source: the English documentation topics shipped with the stdlib (pydoc_data)
@@ -116,10 +117,38 @@ def code_snippets(tokenizer, n: int, snippet_tokens: int = 96, val_fraction: flo
     return out
 
 
+def parse_prompts(text: str, source: str) -> list[str]:
+    """A user's prompts: JSONL when the first non-empty line starts with ``{`` (each object
+    carries its prompt in a "prompt" or "text" string field), else one prompt per non-empty
+    line, verbatim (a line starting with ``#`` is a prompt like any other, as code prompts often
+    are; a prompt of several lines needs JSONL). Raises MultitokenError naming ``source`` (and
+    the line) for a file without prompts or a bad record."""
+    lines = [(n, ln) for n, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
+    if not lines:
+        raise MultitokenError(f"{source}: no prompts (one per non-empty line, or JSONL with a \"prompt\" field)")
+    if not lines[0][1].lstrip().startswith("{"):
+        return [ln for _, ln in lines]
+    prompts = []
+    for n, ln in lines:
+        record = json_object(ln, f"{source}:{n}")
+        value = record.get("prompt", record.get("text"))
+        if not isinstance(value, str):
+            raise MultitokenError(f"{source}:{n}: expected a \"prompt\" or \"text\" string field")
+        prompts.append(value)
+    return prompts
+
+
+def read_prompt_text(path: str | Path) -> str:
+    """A prompts file's UTF-8 text (unreadable or not UTF-8: MultitokenError naming it)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MultitokenError(f"cannot read prompts file {path}: {e}") from None
+
+
 def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per non-empty line (``\\n`` escapes allowed), ``#`` lines are comments."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [ln.replace("\\n", "\n") for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    """:func:`parse_prompts` of a UTF-8 file."""
+    return parse_prompts(read_prompt_text(path), str(path))
 
 
 def validation_prompts(tokenizer, n_prompts: int = 16, prompt_tokens: int = 64, sources=None) -> list[list[int]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from multitoken.data.corpus import iter_documents, split_of
-from multitoken.data.prompts import PROSE_PROMPTS, read_prompts
+from multitoken.data.prompts import PROSE_PROMPTS, parse_prompts, read_prompt_text
 from multitoken.errors import MultitokenError
 from multitoken.io import json_object
 
@@ -65,21 +65,17 @@ def parse_requests(text: str, source: str) -> list[Request]:
 
 def load_bench_requests(path: str | Path | None = None) -> list[Request]:
     """The benchmark's requests (None: the packaged ``bench_requests.jsonl``), or a user's file:
-    ``.jsonl`` as :func:`parse_requests`, anything else one prompt per line (``\\n`` escapes, ``#``
-    comments; see :func:`multitoken.data.prompts.read_prompts`) in group ``"user"``."""
+    JSONL whose records have an ``id`` and ``group`` as :func:`parse_requests`, anything else as
+    :func:`multitoken.data.prompts.read_prompts` (one prompt per non-empty line, or JSONL with
+    "prompt" fields) in group ``"user"``."""
     if path is None:
         text = resources.files("multitoken.data").joinpath(BENCH_FILE).read_text(encoding="utf-8")
         return parse_requests(text, BENCH_FILE)
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".jsonl":
-            return parse_requests(path.read_text(encoding="utf-8"), str(path))
-        prompts = read_prompts(path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise MultitokenError(f"cannot read prompts file {path}: {e}") from None
-    if not prompts:
-        raise MultitokenError(f"{path}: no prompts (one per line expected)")
-    return [Request(f"user-{i}", "user", p) for i, p in enumerate(prompts, 1)]
+    text = read_prompt_text(path)
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    if first.lstrip().startswith("{") and "group" in json_object(first, f"{path}:1"):
+        return parse_requests(text, str(path))
+    return [Request(f"user-{i}", "user", p) for i, p in enumerate(parse_prompts(text, str(path)), 1)]
 
 
 def normalize(text: str) -> str:

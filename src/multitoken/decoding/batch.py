@@ -92,11 +92,17 @@ def device_of(model) -> torch.device:
 
 
 def prefill(model: MTPDecoderModel, state, rows: list[Tensor]) -> Tensor:
-    """Run and commit the prompts; return base logits (B, V) at each row's last prompt token."""
+    """Run and commit the prompts; return base logits (B, V) at each row's last prompt token.
+    A model with ``verify_last(state, tokens, last)`` (the HF wrapper, whose vocabulary head is
+    the largest matrix) scores only those positions."""
     lengths = torch.tensor([len(r) for r in rows], device=rows[0].device)
-    logits = model.verify(state, pad_rows(rows))  # (B, T_max, V)
+    score_last = getattr(model, "verify_last", None)
+    if callable(score_last):
+        logits = score_last(state, pad_rows(rows), lengths - 1)  # (B, V)
+    else:
+        logits = model.verify(state, pad_rows(rows))[torch.arange(len(rows), device=lengths.device), lengths - 1]
     model.accept(state, None, lengths)
-    return logits[torch.arange(len(rows), device=lengths.device), lengths - 1]
+    return logits
 
 
 class Tracker:

@@ -15,11 +15,11 @@ sampling still samples the target's distribution.
 
 :class:`LookupDrafter` decides, each step, whether to graft: with a calibrated
 :class:`~multitoken.decoding.cost.CostModel` it grafts when the tokens lookup-only nodes have
-recently added per proposal, over the verify cost their extra width adds, beat the tokens
-per cost of the step without them; prose, where copied guesses rarely hold beyond what the
-heads already guessed, then grafts only now and then (a probe that keeps the estimate fresh),
-and code that restates its prompt grafts every time it finds a match. Without a cost model
-it always grafts.
+recently added per proposal, times the rows that found a continuation, over the verify cost
+their extra width adds to the whole batch, beat the batch's tokens per cost without them.
+Where copied guesses rarely hold beyond what the heads already guessed it then grafts only
+now and then (a short probe that keeps the estimate fresh); code that restates its prompt
+grafts every time it finds a match. Without a cost model it always grafts.
 """
 from __future__ import annotations
 
@@ -151,14 +151,16 @@ class LookupDrafter:
         self.skipped = 0  # steps in a row that the cost said not to graft
         self.chains: list[list[int]] = []
 
-    def graft_length(self, tree_width: int, tree_depth: int) -> int:
-        """Tokens to graft this step: all when gain / extra cost > base / cost, else 0 or, every
-        ``probe_every``-th such step, ``probe_tokens``."""
+    def graft_length(self, tree_width: int, tree_depth: int, rows: int) -> int:
+        """Tokens to graft this step when ``rows`` of the batch found a continuation: all when
+        their expected gain over the extra cost beats the batch's tokens per cost (every row
+        pays the wider pass: rows are padded to one width), else 0 or, every ``probe_every``-th
+        such step, ``probe_tokens``."""
         if self.cost_model is None:
             return self.max_tokens
         cost = self.cost_model.step_cost(tree_depth, self.batch, tree_width)
         extra = self.cost_model.step_cost(tree_depth, self.batch, tree_width + round(self.added)) - cost
-        if self.gain * cost > self.base * extra:
+        if rows * self.gain * cost > self.batch * self.base * extra:
             self.skipped = 0
             return self.max_tokens
         self.skipped += 1
@@ -170,7 +172,8 @@ class LookupDrafter:
         included / draft levels), for the cost."""
         length = min(self.max_tokens, depth)
         found = self.history.continuations(pending, length, self.ngrams) if length > 0 else []
-        keep = self.graft_length(tree_width, tree_depth) if any(found) else 0
+        rows = sum(bool(chain) for chain in found)
+        keep = self.graft_length(tree_width, tree_depth, rows) if rows else 0
         self.chains = [chain[:keep] for chain in found] if keep else [[] for _ in range(pending.shape[0])]
         return self.chains
 

@@ -111,9 +111,10 @@ class HFGenerationMixin:
 
         Unset ``max_new_tokens`` / ``eos_token_id`` / ``pad_token_id`` come from the base's
         ``generation_config`` (pad falls back to EOS, then 0). ``mode``: "tree" (the library's default
-        tree: cost-aware from the heads folder's tree.json acceptance table), "spec" (a chain) or "ar" (plain). Greedy output
+        tree: cost-aware from the heads folder's tree.json acceptance table, with prompt-lookup
+        branches grafted on where they pay), "spec" (a chain) or "ar" (plain). Greedy output
         equals the base's own greedy decoding; sampling keeps its distribution. ``decode_kw``
-        (num_draft, tree, tree_budget, draft_cost, ...) goes to :func:`multitoken.generate`.
+        (num_draft, tree, tree_budget, prompt_lookup, draft_cost, ...) goes to :func:`multitoken.generate`.
         """
         config = self.base.generation_config
         eos = single_eos(eos_token_id if eos_token_id is not None else config.eos_token_id)

@@ -236,13 +236,27 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
     def verify(self, state: HFDecodeState, tokens: Tensor, tree_mask: Tensor | None = None,
                depths: Tensor | None = None) -> Tensor:
         with block_kernels(self.fast_kernels, self.block_min_rows):
-            if self.lean_forward is not None:
-                hidden = self.lean_forward(tokens, state.cache, depths, tree_mask)  # (B, W, d) final-norm
-            else:
-                hidden = hf_forward_rows(self.base, self.cache_kw, state.cache, tokens, tree_mask, depths)
-            logits = self.lm_head(hidden).float()
+            hidden = self._verify_hidden(state, tokens, tree_mask, depths)
+            return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def verify_last(self, state: HFDecodeState, tokens: Tensor, last: Tensor) -> Tensor:
+        """``verify`` of a causal block (a prefill) that scores only position ``last[b]`` of each
+        row: (B, V) logits, without the base head's (B, W, V) over the whole prompt."""
+        with block_kernels(self.fast_kernels, self.block_min_rows):
+            hidden = self._verify_hidden(state, tokens, None, None)  # (B, W, d)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return self.lm_head(hidden[rows, last.to(hidden.device)]).float()
+
+    def _verify_hidden(self, state: HFDecodeState, tokens: Tensor, tree_mask: Tensor | None,
+                       depths: Tensor | None) -> Tensor:
+        """The final-norm hidden states (B, W, d) of a verify pass; the heads see them too."""
+        if self.lean_forward is not None:
+            hidden = self.lean_forward(tokens, state.cache, depths, tree_mask)
+        else:
+            hidden = hf_forward_rows(self.base, self.cache_kw, state.cache, tokens, tree_mask, depths)
         self.heads.on_verify(state.heads, tokens, hidden)
-        return logits
+        return hidden
 
     @torch.no_grad()
     def accept(self, state: HFDecodeState, keep: Tensor | None, counts: Tensor) -> None:

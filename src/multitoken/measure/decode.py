@@ -184,7 +184,8 @@ def _stats_record(s: GenerationStats) -> dict:
     row_passes = round(s.new_tokens / s.tau) if s.tau else 0
     return {"passes": s.forward_passes, "row_passes": row_passes, "draft_passes": s.draft_forward_passes,
             "accepted": s.draft_accepted, "attempted": s.draft_attempted,
-            "nodes": s.tree_nodes_per_step * row_passes, "chosen_by": s.chosen_by, "tree_nodes": s.tree_nodes}
+            "nodes": s.tree_nodes_per_step * row_passes, "chosen_by": s.chosen_by, "tree_nodes": s.tree_nodes,
+            "lookup_tokens": s.lookup_tokens}
 
 
 def _pooled_row(batches: list[dict], tokens: int, d: str) -> dict:
@@ -199,6 +200,7 @@ def _pooled_row(batches: list[dict], tokens: int, d: str) -> dict:
     if d.removesuffix(MASKED).startswith("tree"):
         row["tree_nodes_per_step"] = sum(b[d]["nodes"] for b in batches) / max(1, row_passes)
         row["tree_nodes"] = sorted({b[d]["tree_nodes"] for b in batches if b[d]["tree_nodes"] is not None})
+        row["lookup_tokens"] = sum(b[d]["lookup_tokens"] for b in batches)  # accepted on lookup-only nodes
     row["chosen_by"] = sorted({b[d]["chosen_by"] for b in batches if b[d]["chosen_by"]})  # how k / the tree was set
     return row
 

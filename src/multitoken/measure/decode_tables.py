@@ -63,7 +63,10 @@ def decode_markdown(result: dict, title: str) -> str:
         for r in rows:
             tau = f"{r['tau']:.2f}" if "tau" in r else "–"
             ident = "yes" if r["identical"] else f"NO ({r['identical_prompts']}/{r['prompts']})"
-            lines.append(f"| {r['mode']} | {r['label']} | {tau} | {_rates(r.get('acceptance_rates'))} | "
+            rates = _rates(r.get("acceptance_rates"))
+            if r.get("lookup_tokens"):
+                rates += f" (prompt lookup's own nodes: {r['lookup_tokens'] / max(r['new_tokens'], 1):.0%} of tokens)"
+            lines.append(f"| {r['mode']} | {r['label']} | {tau} | {rates} | "
                          f"{r['tokens_per_s']:.2f} | {r['speedup']:.2f}× | {ident} |")
         lines.append("")
     if result.get("verify_cost"):

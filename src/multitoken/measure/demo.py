@@ -38,21 +38,25 @@ def chat_demo(model, tokenizer, request_ids=DEMO_REQUESTS, max_new_tokens: int =
     parts = []
     for r, rec in zip(requests, result["per_prompt"]):
         parts += [rule, f"user ({r.group}): {r.prompt}", rule, tokenizer.decode(rec["hf"]["ids"]).strip()]
-    parts += [rule, _table([row for row in result["rows"] if row["group"] == "all"]), ""]
+    parts += [rule, _table([row for row in result["rows"] if row["group"] == "all"], model.n_future - 1), ""]
     identical = all(row["identical"] for row in result["rows"])
     parts.append("identical: every multitoken decoder emitted exactly HF greedy's tokens on every request"
                  if identical else "NOT IDENTICAL: a decoder's output differs from HF greedy (a bug: please report)")
     return "\n".join(parts), identical
 
 
-def _table(rows: list[dict]) -> str:
-    """Console table of the pooled benchmark rows (first row = HF greedy, the reference)."""
-    head = f"{'decoder':<26}{'tau':>6}{'tok/s':>8}{'speed-up':>10}  identical  acceptance per head"
+def _table(rows: list[dict], heads: int) -> str:
+    """Console table of the pooled benchmark rows (first row = HF greedy, the reference): τ,
+    speed, identity, acceptance at the ``heads`` draft positions and, for the tree, the share of
+    the output that prompt lookup's own nodes delivered."""
+    head = f"{'decoder':<34}{'tau':>6}{'tok/s':>8}{'speed-up':>10}  identical  acceptance per head"
     lines = [head]
     for r in rows:
         tau = f"{r['tau']:.2f}" if "tau" in r else "-"
-        acc = " ".join(f"{a:.2f}" for a in r.get("acceptance_rates") or []) or "-"
-        lines.append(f"{LABELS[r['decoder']]:<26}{tau:>6}{r['tokens_per_s']:>8.1f}{r['speedup']:>9.2f}x  "
+        acc = " ".join(f"{a:.2f}" for a in (r.get("acceptance_rates") or [])[:heads]) or "-"
+        if r.get("lookup_tokens"):
+            acc += f"  (+ {r['lookup_tokens'] / max(r['new_tokens'], 1):.0%} of tokens copied by prompt lookup)"
+        lines.append(f"{LABELS[r['decoder']]:<34}{tau:>6}{r['tokens_per_s']:>8.1f}{r['speedup']:>9.2f}x  "
                      f"{'yes' if r['identical'] else 'NO':<9}  {acc}")
     return "\n".join(lines)
 
