@@ -22,7 +22,7 @@ def ckpt(tmp_path_factory):
 def test_generate_compare_reports_identity_and_speedup(ckpt, tmp_path, capsys):
     out = tmp_path / "stats.json"
     assert main(["generate", "--model", str(ckpt), "--prompt", "def f(x):", "--max-new-tokens", "24",
-                 "--no-eos", "--compare", "--json", str(out)]) == 0
+                 "--no-eos", "--compare", "--json", str(out), "--mode", "spec"]) == 0
     stats = json.loads(out.read_text())
     assert stats["identical"] is True and stats["new_tokens"] == 24
     assert len(stats["acceptance_rates"]) == 2 and stats["speedup"] > 0 and stats["tau"] >= 1
@@ -30,10 +30,18 @@ def test_generate_compare_reports_identity_and_speedup(ckpt, tmp_path, capsys):
     assert "identical: yes" in captured.err and len(captured.out) > 0  # text streamed to stdout
 
 
+def test_the_default_mode_is_the_tree_with_prompt_lookup(ckpt, tmp_path):
+    out = tmp_path / "stats.json"
+    assert main(["generate", "--model", str(ckpt), "--prompt", "def f(x):\n    return f(x)\n", "--max-new-tokens",
+                 "24", "--no-eos", "--compare", "--json", str(out), "--quiet"]) == 0
+    stats = json.loads(out.read_text())
+    assert stats["identical"] is True and stats["tree_nodes_per_step"] >= 1 and stats["prompt_lookup"] == 12
+
+
 def test_generate_adaptive_draft_length(ckpt, tmp_path):
     out = tmp_path / "stats.json"
     assert main(["generate", "--model", str(ckpt), "--prompt", "def f(x):", "--max-new-tokens", "24", "--no-eos",
-                 "--draft-cost", "0.3", "--compare", "--json", str(out), "--quiet"]) == 0
+                 "--draft-cost", "0.3", "--compare", "--json", str(out), "--quiet", "--mode", "spec"]) == 0
     stats = json.loads(out.read_text())
     assert stats["identical"] is True and 0 <= stats["drafts_per_step"] <= 2
 

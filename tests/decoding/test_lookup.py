@@ -171,3 +171,15 @@ def test_grafting_follows_cost_and_gain():
         assert grafted[0] == 5  # tried at first
         assert grafted == [5] * 24 if expect_on else grafted[-12:] == [0, 0, 4, 0] * 3  # off: 4-token probes
     assert LookupDrafter(rows, 5, None).propose(pending, 3, 3, 2) == [[1, 2, 3]]  # no costs: always, cut to depth
+
+
+def test_one_row_of_a_batch_does_not_widen_every_row_for_little_gain():
+    """The wider pass is paid by every row: a gain that pays for one row alone does not pay when
+    only one of four rows found a continuation."""
+    from multitoken.decoding.cost import CostModel
+    from multitoken.decoding.lookup import LookupDrafter
+    sloped = CostModel([1, 4], [1, 16], [[1.0, 4.0], [1.0, 4.0]])
+    alone = LookupDrafter([torch.tensor([1, 2, 1])], 5, sloped)
+    assert alone.graft_length(3, 2, rows=1) == 5
+    batch = LookupDrafter([torch.tensor([1, 2, 1])] * 4, 5, sloped)
+    assert batch.graft_length(3, 2, rows=1) == 0 and batch.graft_length(3, 2, rows=4) == 5

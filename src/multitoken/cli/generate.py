@@ -206,7 +206,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, help="with --prompts: decode N prompts at a time (default: all)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt (each prompt) in the model's chat template")
     add_decode_path_flags(g)
-    g.add_argument("--mode", choices=MODES, default="spec", help="decoding algorithm (default: spec)")
+    g.add_argument("--mode", choices=MODES, default="tree",
+                   help="decoding algorithm (default: tree, the heads' cost-aware tree with prompt lookup)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples losslessly")
     g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
