@@ -93,9 +93,12 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         trainer = MTPTrainer.from_config(config, out, resume=args.resume, progress=not args.no_progress,
                                          parallel=parallel)
     try:
-        return _run_training(trainer, config, args, out)
-    finally:
+        code = _run_training(trainer, config, args, out)
+    except BaseException:
         trainer.shutdown()  # leaves the process group under torchrun
+        raise
+    trainer.shutdown(finished=True)
+    return code
 
 
 def _run_training(trainer, config, args: argparse.Namespace, out: Path) -> int:

@@ -15,9 +15,12 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     """Build a trainer from ``config`` and run ``fit`` (``parallel``: ddp | fsdp under torchrun)."""
     trainer = MTPTrainer.from_config(config, out_dir, resume=resume, progress=progress, parallel=parallel)
     try:
-        return trainer.fit()
-    finally:
+        result = trainer.fit()
+    except BaseException:
         trainer.shutdown()
+        raise
+    trainer.shutdown(finished=True)
+    return result
 
 
 def train_demo_model(out_dir: str | os.PathLike, *, steps: int | None = None, device: str = "auto",

@@ -285,12 +285,18 @@ class MTPTrainer:
             trainer_state=state, eval_metrics=self.last_eval)
         return self.last_checkpoint
 
-    def shutdown(self) -> None:
-        """``close()``, then leave the process group this trainer joined (no-op in one process)."""
+    def shutdown(self, finished: bool = False) -> None:
+        """``close()``, then leave the process group this trainer joined (no-op in one process).
+        ``finished``: every rank got here after a completed run, so they first meet at a barrier:
+        a rank that tears its gloo threads down while a peer's last collective is in flight
+        aborted now and then ("terminate called without an active exception"). After an error
+        there is no barrier (the other ranks may never arrive)."""
         self.close()
         if self._owns_process_group:
-            from multitoken.training.distributed import destroy
+            from multitoken.training.distributed import barrier, destroy
 
+            if finished:
+                barrier()
             destroy()
             self._owns_process_group = False
 
