@@ -19,8 +19,10 @@ pytestmark = pytest.mark.skipif(not available(), reason="oneDNN (mkldnn) is not 
     ({1: (28, 35), 2: (29, 37), 3: (32, 38), 4: (44, 40), 8: (60, 45), 16: (80, 50)}, 4),
     ({1: (30, 29), 4: (44, 40), 16: (80, 50)}, ONEDNN_ALWAYS),  # oneDNN everywhere (the AVX2 EPYC)
     ({1: (28, 35), 4: (40, 44), 16: (50, 80)}, ONEDNN_NEVER),  # F.linear everywhere
-    ({1: (28, 35), 4: (39, 40), 8: (60, 45), 16: (80, 50)}, 8),  # a tie counts for oneDNN, a loss does not
-    ({1: (28, 35), 4: (44, 40), 8: (40, 45), 16: (80, 50)}, 16),  # from where oneDNN keeps winning
+    ({1: (28, 35), 4: (39, 40), 8: (60, 45), 16: (80, 50)}, 8),  # oneDNN's 1 ms loss at 4 rows: from 8
+    ({1: (28, 35), 4: (44, 40), 8: (40, 45), 16: (80, 50)}, 16),  # F.linear's 5 ms win at 8 beats its loss at 4
+    ({1: (28, 35), 4: (44, 40), 8: (56, 48), 16: (58, 59)}, 4),  # one noisy widest width does not flip the choice
+    ({1: (30, 30), 4: (40, 40)}, ONEDNN_NEVER),  # ties: the wider threshold (F.linear, as HF runs)
 ])
 def test_choose_min_rows_from_scripted_timings(timings, expected):
     assert choose_min_rows(timings) == expected

@@ -6,8 +6,8 @@ reordered copy of the weight (no repacking per call, so a block of 4-16 rows cos
 than one). Which wins at 1-3 rows depends on the CPU: oneDNN was the faster for every block on a
 2-core AMD EPYC (AVX2), F.linear for blocks of up to 3 rows on a 2-core Xeon (AVX-512). So the
 wrapper times whole verify passes of 1..16 tokens with each kernel once per model shape and
-machine (a few seconds for SmolLM2-135M) and uses oneDNN from the fewest rows at which it is no
-slower at every measured width on; the choice is cached like the decode costs
+machine (a few seconds for SmolLM2-135M) and uses oneDNN from the block size that makes the
+summed time over the measured widths least (:func:`choose_min_rows`); the choice is cached like the decode costs
 (:func:`multitoken.io.cached_record`, folder ``kernels``).
 """
 from __future__ import annotations
@@ -29,22 +29,24 @@ from multitoken.errors import MultitokenError
 from multitoken.hf.kernels import MAX_ROWS, ONEDNN_ALWAYS, ONEDNN_NEVER, BlockLinear
 from multitoken.io import cached_record
 
-KERNEL_FORMAT = "multitoken-kernels/1"
+KERNEL_FORMAT = "multitoken-kernels/2"  # /2: the summed-time rule of choose_min_rows
 KERNEL_FOLDER = "kernels"
 TUNE_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16)  # rows of a batch-1 verify pass that are timed
 
 
 def choose_min_rows(seconds: Mapping[int, tuple[float, float]]) -> int:
     """``seconds[w] = (F.linear, oneDNN)`` seconds of a verify pass of ``w`` rows -> the fewest
-    rows from which oneDNN is used: the smallest measured ``w`` from which oneDNN is no slower
-    at every measured width (ONEDNN_NEVER when it is slower at the widest one)."""
-    chosen = ONEDNN_NEVER
-    for width in sorted(seconds, reverse=True):
-        plain, reordered = seconds[width]
-        if reordered > plain:
-            break
-        chosen = width
-    return chosen
+    rows from which oneDNN is used: the measured width (or ONEDNN_NEVER) whose policy, F.linear
+    below it and oneDNN from it, takes the least time summed over the measured widths. A sum
+    rather than "oneDNN wins at every wider width", so one noisy width cannot flip the choice:
+    at 16 rows MKL comes within ~5% of oneDNN on a 2-core Xeon, and a rule that needed oneDNN to
+    win there once chose F.linear everywhere, 10-20% slower at 4-12 rows."""
+    widths = sorted(seconds)
+
+    def total(threshold: int) -> float:
+        return sum(seconds[w][1] if w >= threshold else seconds[w][0] for w in widths)
+
+    return min([*widths, ONEDNN_NEVER], key=lambda t: (total(t), -t))  # a tie: the wider threshold
 
 
 def kernel_key(model) -> dict:
