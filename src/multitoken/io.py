@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-T = TypeVar("T")
-
 from multitoken.errors import MultitokenError, first_line
+
+T = TypeVar("T")
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:

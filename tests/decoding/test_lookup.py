@@ -8,7 +8,7 @@ from conftest import HEAD_TYPES, RankedStub, tiny_model
 from multitoken.decoding import generate
 from multitoken.decoding.lookup import LookupHistory, graft_chains, lookup_continuation
 from multitoken.decoding.tree_flat import flatten_tree
-from multitoken.decoding.tree_steps import static_step_tree, tree_tokens
+from multitoken.decoding.tree_steps import root_only_tree, static_step_tree, tree_tokens
 from multitoken.errors import MultitokenError
 
 
@@ -162,11 +162,14 @@ def test_grafting_follows_cost_and_gain():
     for gained, expect_on in ((0, False), (5, True)):
         drafter = LookupDrafter(rows, 5, sloped)
         grafted = []
+        root = root_only_tree(1, "cpu")
         for _ in range(24):
-            chain = drafter.propose(pending, 8, tree_width=3, tree_depth=2)[0]
+            tree, _ = drafter.graft(root, pending[:, None], pending, 8)
+            chain = drafter.chains[0]
             grafted.append(len(chain))
+            assert tree.nodes.tolist() == [1 + len(chain)]  # the chain, grafted below the root
             emitted = chain + [9] if gained else [9]  # the copy held (5 tokens + a bonus), or the target said 9
-            drafter.commit(pending, [emitted], [gained if chain else 0], [len(chain)], [True])
+            drafter.commit([emitted], [gained if chain else 0], [True])
             drafter.history.rows = [rows[0].tolist()]  # the same context every step
         assert grafted[0] == 5  # tried at first
         assert grafted == [5] * 24 if expect_on else grafted[-12:] == [0, 0, 4, 0] * 3  # off: 4-token probes

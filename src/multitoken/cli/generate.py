@@ -11,6 +11,7 @@ from multitoken.cli.common import (UsageError, add_decode_path_flags, add_draft_
                                    library_default, load_decoder, model_dir, tree_for)
 from multitoken.data import parse_prompts
 from multitoken.decoding import MODES, tune_tree, tuning_top_k
+from multitoken.decoding.lookup import DEFAULT_LOOKUP
 from multitoken.io import write_json
 
 
@@ -223,8 +224,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tree-budget", type=int, help="build the tree dynamically each step with this many nodes")
     g.add_argument("--prompt-lookup", type=int, metavar="N",
                    help="--mode tree: also verify up to N tokens copied from where the text's last 2-3 tokens occurred "
-                        "before (prompt or output), in the same pass as the heads' tree; 0 = off (default: 8, each "
-                        "step's length from the cost model; off with --cost-model off)")
+                        f"before (prompt or output), in the same pass as the heads' tree; 0 = off (default: "
+                        f"{DEFAULT_LOOKUP}, grafted where the cost model says it pays; off with --cost-model off)")
     g.add_argument("--seed", type=int, help="random seed for sampling")
     g.add_argument("--no-eos", action="store_true", help="do not stop at the tokenizer's end-of-text token")
     g.add_argument("--truncate", choices=["left"], help="drop the oldest prompt tokens that do not fit the context")

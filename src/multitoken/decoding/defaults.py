@@ -10,7 +10,7 @@
   tree of 1..15 nodes with the best expected τ per step cost at this batch size, chosen once
   per call; else the model's saved tree (``draft_tree``); else the default preset.
 * mode "tree" without ``prompt_lookup``: with a cost model, prompt-lookup chains of up to
-  DEFAULT_LOOKUP tokens grafted onto the tree, each step's length cost-aware
+  DEFAULT_LOOKUP tokens grafted onto the tree where the cost model says they pay
   (:mod:`multitoken.decoding.lookup`); without one, no lookup.
 Every choice is verified by the base, so greedy output is plain decoding's whatever is chosen.
 """
@@ -71,8 +71,11 @@ def default_tree(model: MTPDecoderModel, num_draft: int, batch: int, cost_model)
 
 def lookup_setting(model: MTPDecoderModel, prompt_lookup: int | None, cost_model) -> tuple[int, CostModel | None]:
     """(the longest prompt-lookup chain of mode "tree", the cost model that sizes each step's
-    chain or None): ``prompt_lookup`` None = DEFAULT_LOOKUP where a cost model is on, else 0."""
+    chain or None): ``prompt_lookup`` None = DEFAULT_LOOKUP where a cost model is on, else 0;
+    0 = off, without resolving (maybe calibrating) a cost model it would not use."""
+    if prompt_lookup is not None and check_lookup(prompt_lookup) == 0:
+        return 0, None
     cost = resolve_cost_model(model, cost_model)
     if prompt_lookup is None:
         return (DEFAULT_LOOKUP if cost is not None else 0), cost
-    return check_lookup(prompt_lookup), cost
+    return prompt_lookup, cost

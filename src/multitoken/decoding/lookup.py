@@ -149,7 +149,9 @@ class LookupDrafter:
         self.added = max_tokens / 2  # nodes a graft adds per proposal
         self.base = 1.5  # tokens per row-step without lookup-only nodes
         self.skipped = 0  # steps in a row that the cost said not to graft
-        self.chains: list[list[int]] = []
+        self.chains: list[list[int]] = []  # this step's, per row (propose)
+        self.pending: Tensor | None = None  # this step's pending tokens and the nodes each row's graft added
+        self.new_nodes: list[int] = []
 
     def graft_length(self, tree_width: int, tree_depth: int, rows: int) -> int:
         """Tokens to graft this step when ``rows`` of the batch found a continuation: all when
@@ -177,21 +179,32 @@ class LookupDrafter:
         self.chains = [chain[:keep] for chain in found] if keep else [[] for _ in range(pending.shape[0])]
         return self.chains
 
-    def commit(self, pending: Tensor, emitted: Sequence[Sequence[int]], from_lookup: Sequence[int],
-               added: Sequence[int], active: Sequence[bool]) -> None:
-        """After the step: ``emitted`` per row (accepted drafts + next token), ``from_lookup`` of
-        them accepted on lookup-only nodes, ``added`` nodes its graft added. Updates the running
-        means and the histories."""
+    def graft(self, tree: StepTree, tokens: Tensor, pending: Tensor, depth: int) -> tuple[StepTree, Tensor]:
+        """This step's tree and (B, W') block tokens with each row's chain (:meth:`propose`) grafted
+        on by :func:`graft_chains`, or ``tree`` and ``tokens`` themselves when no row has one.
+        Called every step (depth 0 included), so :meth:`commit` knows what this step proposed."""
+        chains = self.propose(pending, depth, tree.width, tree.max_depth)
+        self.pending, self.new_nodes = pending, [0] * len(chains)
+        if not any(chains):
+            return tree, tokens
+        grafted, block = graft_chains(tree, tokens, chains)
+        self.new_nodes = (grafted.nodes - tree.nodes).tolist()
+        return grafted, block
+
+    def commit(self, emitted: Sequence[Sequence[int]], from_lookup: Sequence[int], active: Sequence[bool]) -> None:
+        """After the step :meth:`graft` built: ``emitted`` per row (accepted drafts + next token),
+        ``from_lookup`` of them accepted on lookup-only nodes. Updates the running means and the
+        histories."""
         d = self.decay
-        for chain, out, gained, new, on in zip(self.chains, emitted, from_lookup, added, active):
+        for chain, out, gained, new, on in zip(self.chains, emitted, from_lookup, self.new_nodes, active):
             if not on:
                 continue
             if chain:
                 self.gain, self.added = d * self.gain + (1 - d) * gained, d * self.added + (1 - d) * new
             self.base = d * self.base + (1 - d) * (len(out) - gained)
-        self.history.commit(pending, emitted, active)
+        self.history.commit(self.pending, emitted, active)
 
     def select(self, index: Tensor) -> None:
+        """The batch keeps rows ``index``; the per-step state is rebuilt by the next :meth:`graft`."""
         self.history.select(index)
-        self.chains = [self.chains[i] for i in index.tolist()] if self.chains else []
         self.batch = index.shape[0]

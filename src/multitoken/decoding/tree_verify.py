@@ -23,7 +23,7 @@ from torch import Tensor
 
 from multitoken.decoding.loop import StepResult
 from multitoken.decoding.cost import CostModel
-from multitoken.decoding.lookup import LookupDrafter, check_lookup, graft_chains
+from multitoken.decoding.lookup import LookupDrafter, check_lookup
 from multitoken.decoding.sampling import Sampler
 from multitoken.decoding.tree_flat import FlatTree, flatten_tree
 from multitoken.decoding.tree_presets import resolve_tree
@@ -60,7 +60,7 @@ class TreeStep:
     ``num_draft`` levels and to what the rows may still emit.
     lookup: also graft, each step, a prompt-lookup continuation of up to this many tokens onto
     the tree (:mod:`multitoken.decoding.lookup`; 0 = off); it may reach past the heads' depth;
-    with ``cost_model`` its length is chosen per step for the most expected tokens per cost.
+    with ``cost_model`` a step grafts only when that is expected to pay.
     child_rule: acceptance rule for sampling (tests inject wrong ones).
     Each step reports the real nodes it verified per row (root included) and, on the chosen
     path, the drafts accepted and verified.
@@ -119,14 +119,8 @@ class TreeStep:
         if step is None:
             step = root_only_tree(self.batch, self.device)
         tokens = tree_tokens(step, pending, candidates)  # (B, W)
-        self.added = [0] * self.batch
-        if self.lookup_drafter is not None and depth > 0:
-            chains = self.lookup_drafter.propose(pending, depth, step.width, step.max_depth)
-            if any(chains):
-                before = step.nodes
-                step, tokens = graft_chains(step, tokens, chains)  # (B, W') with the lookup nodes
-                self.added = (step.nodes - before).tolist()
-        self.pending = pending
+        if self.lookup_drafter is not None:
+            step, tokens = self.lookup_drafter.graft(step, tokens, pending, depth)  # (B, W') with lookup nodes
         logits = self.model.verify(state, tokens, step.mask, step.depths)  # (B, W, V)
         if self.sampler.greedy:
             node, nxt = greedy_path(step, tokens, logits)
@@ -145,7 +139,7 @@ class TreeStep:
 
     def committed(self, result: StepResult, counts: Tensor, active: list[bool]) -> None:
         if self.lookup_drafter is not None:
-            self.lookup_drafter.commit(self.pending, result.emitted, result.from_lookup, self.added, active)
+            self.lookup_drafter.commit(result.emitted, result.from_lookup, active)
 
     def select(self, index: Tensor) -> None:
         self.batch = index.shape[0]
