@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multitoken.hf.kernels import (MAX_ROWS, ONEDNN_ALWAYS, ONEDNN_NEVER, BlockLinear, available, block_kernels,
-                                   install_block_linears)
+from multitoken.hf.kernels import (MAX_ROWS, ONEDNN_ALWAYS, ONEDNN_NEVER, BlockLinear, FusedBlockLinears, available,
+                                   block_kernels, install_block_linears)
 
 pytestmark = pytest.mark.skipif(not available(), reason="oneDNN (mkldnn) is not in this torch build")
 
@@ -107,3 +107,59 @@ def test_copies_and_pickles_work_after_decoding():
         buffer.seek(0)
         loaded = torch.load(buffer, weights_only=False)
         assert torch.equal(twin(x), before) and torch.equal(loaded(x), before)
+
+
+def fused_layers(biases: tuple[bool, ...], seed: int = 0) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    net = nn.Sequential(*(nn.Linear(48, width, bias=b) for width, b in zip((80, 16, 16), biases)))
+    install_block_linears(net)
+    return list(net)
+
+
+@pytest.mark.parametrize("biases", [(False, False, False), (True, True, True)])
+@pytest.mark.parametrize("shape", [(1, 48), (4, 48), (2, 8, 48)])
+def test_fused_linears_match_each_layer(biases, shape, monkeypatch):
+    layers = fused_layers(biases)
+    fused = FusedBlockLinears(layers)
+    assert fused.fusable
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[1]) or real(*a),
+                        raising=False)
+    x = torch.randn(shape)
+    with torch.no_grad(), block_kernels():
+        outs = fused(x)
+        singles = [layer(x) for layer in layers]
+    assert len(calls) == 1 + len(layers)  # one product for the fused call, then one per layer
+    for out, single, layer in zip(outs, singles, layers):
+        assert out.shape == single.shape == (*shape[:-1], layer.out_features)
+        torch.testing.assert_close(out, single, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # outside block_kernels: each layer itself, bitwise
+        assert all(torch.equal(o, layer(x)) for o, layer in zip(fused(x), layers))
+
+
+def test_fused_linears_fall_back_for_mixed_biases_and_other_modules():
+    mixed = FusedBlockLinears(fused_layers((True, False, True)))
+    lora_like = fused_layers((False, False, False))
+    lora_like[1] = nn.Sequential(lora_like[1])  # e.g. an adapter around one projection
+    x = torch.randn(4, 48)
+    for fused in (mixed, FusedBlockLinears(lora_like)):
+        assert not fused.fusable
+        with torch.no_grad(), block_kernels():
+            assert all(torch.equal(o, layer(x)) for o, layer in zip(fused(x), fused.layers))
+
+
+def test_fused_linears_repack_after_in_place_change_and_copy():
+    import copy
+    layers = fused_layers((True, True, True))
+    fused = FusedBlockLinears(layers)
+    x = torch.randn(4, 48)
+    with torch.no_grad(), block_kernels():
+        before = fused(x)
+        layers[2].weight.mul_(2.0)
+        layers[2].bias.mul_(2.0)
+        after = fused(x)
+        twin = copy.deepcopy(fused)
+        assert all(torch.equal(a, b) for a, b in zip(twin(x), after))
+    torch.testing.assert_close(after[2], 2 * before[2], atol=1e-5, rtol=1e-5)
+    assert torch.equal(after[0], before[0])
