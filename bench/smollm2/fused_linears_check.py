@@ -22,7 +22,7 @@ def main() -> None:
     prompt = torch.randint(0, model.base.config.vocab_size, (1, PREFIX), generator=gen)
     model.verify_last(state, prompt, torch.tensor([PREFIX - 1]))
     model.accept(state, None, torch.tensor([PREFIX]))
-    fused = model.lean_forward.qkv + [f for f in model.lean_forward.gate_up if f is not None]
+    fused = [part.qkv for part in model.lean_forward.layers] + [part.gate_up for part in model.lean_forward.layers]
     print(f"kernel choice: oneDNN from {model.block_min_rows} rows")
 
     def passes(tokens: torch.Tensor) -> tuple[float, torch.Tensor]:

@@ -75,11 +75,12 @@ def uses_onednn(x: Tensor, weight: Tensor) -> bool:
 
 
 class FusedBlockLinears:
-    """Linears that read the same input (a layer's q/k/v projections, an MLP's gate and up) as
-    one product: where :class:`BlockLinear` would take oneDNN, one call over their concatenated,
-    reordered weights (one weight stream and one call instead of several: 9-10% less time in a
-    4-16-row timing of SmolLM2's linears, ``bench/smollm2/NOTES.md``); otherwise each layer on
-    its own (MKL's one-row product, or whatever module a layer is, e.g. a LoRA wrapper). The
+    """Linears that read the same input (a layer's q/k/v projections, an MLP's gate and up; or
+    one linear alone) as one product: where :class:`BlockLinear` would take oneDNN, one call over
+    their concatenated, reordered weights (one weight stream and one call instead of several:
+    whole SmolLM2 verify passes 4-6% faster at 4-16 rows, ``bench/smollm2/NOTES.md`` section 9);
+    otherwise each layer's F.linear (MKL's one-row product), or, for a layer that is not a
+    BlockLinear (e.g. a LoRA wrapper), the module itself. The
     concatenated copy takes the place of the layers' own reordered copies, which this path never
     builds, and is rebuilt when any weight changes in place."""
 
@@ -109,8 +110,10 @@ class FusedBlockLinears:
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
         """x (..., d_in) -> each layer's output (..., d_out_i)."""
-        if not self.fusable or not uses_onednn(x, self.layers[0].weight):
+        if not self.fusable:
             return tuple(layer(x) for layer in self.layers)
+        if not uses_onednn(x, self.layers[0].weight):  # what each BlockLinear would do, minus its module call
+            return tuple(F.linear(x, layer.weight, layer.bias) for layer in self.layers)
         weight, bias = self._weights()
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "").split(self.sizes, dim=-1)
 

@@ -8,7 +8,7 @@ tokens and hidden states the heads read while decoding.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +46,6 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, T, Dh) rotated by position-dependent angles."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
-
-
 @dataclass
 class PassContext:
     """Everything one forward pass shares across layers: positions, cache slots, mask.
@@ -65,6 +58,16 @@ class PassContext:
     slots: Tensor | None = None  # (B, W) cache slot each new token is written to; None = no cache
     mask: Tensor | None = None  # (B, 1, W, S) bool, True = may attend; None = plain causal
     kv_len: int = 0  # S: cache slots read by this pass
+    _signed_sin: Tensor | None = field(default=None, init=False, repr=False)
+
+    def rotate(self, x: Tensor) -> Tensor:
+        """x (B, H, W, Dh) rotated by this pass's angles, Llama's rotate-half layout:
+        x * cos + cat(-x2, x1) * sin, computed as x * cos + roll(x) * cat(-sin1, sin2) (the same
+        products, so the same floats, with fewer operations per call)."""
+        if self._signed_sin is None:
+            half = self.sin.shape[-1] // 2
+            self._signed_sin = torch.cat([-self.sin[..., :half], self.sin[..., half:]], dim=-1)
+        return (x * self.cos + x.roll(x.shape[-1] // 2, -1) * self._signed_sin).to(x.dtype)
 
 
 def block_attention_mask(lengths: Tensor, width: int, kv_len: int, tree_mask: Tensor | None) -> Tensor:
@@ -242,7 +245,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, width, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, width, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, width, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        q, k = ctx.rotate(q), ctx.rotate(k)
         if cache is not None:
             k, v = cache.write(layer, k, v, ctx)  # (B, Hkv, S, Dh)
         if ctx.mask is None:
