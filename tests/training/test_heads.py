@@ -14,7 +14,8 @@ from multitoken.data import training_texts  # noqa: E402
 from multitoken.model.targets import IGNORE_INDEX as IGNORE  # noqa: E402
 from multitoken.training import HeadsTrainConfig, HeadsTrainError, train_heads  # noqa: E402
 from multitoken.training.draft_vocab import draft_vocab_from_cache, draft_vocab_from_counts, vocab_index  # noqa: E402
-from multitoken.training.head_stats import evaluate_heads, head_targets, split_rows  # noqa: E402
+from multitoken.training.head_stats import (evaluate_heads, head_statistics, head_targets, soft_ce,  # noqa: E402
+                                            split_rows)
 from multitoken.hf import DraftVocabHead, MTPHeadsForCausalLM, build_hidden_cache  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% endfor %}"
@@ -60,16 +61,18 @@ def test_draft_vocab_mapping(cache):
     torch.testing.assert_close(full[:, [1, 4, 9]], g @ w[[1, 4, 9]].T)
 
 
-@pytest.mark.parametrize("head_type,targets", [("sequential", "distill"), ("residual", "corpus")])
-def test_training_lowers_head_loss_and_heads_reload(cache, tmp_path, head_type, targets):
+@pytest.mark.parametrize("head_type,targets,soft", [("sequential", "distill", 0.0), ("residual", "corpus", 0.0),
+                                                    ("sequential", "distill", 0.5)])
+def test_training_lowers_head_loss_and_heads_reload(cache, tmp_path, head_type, targets, soft):
     model, tok, c = cache
     heads = MTPHeadsForCausalLM(model, 3, head_type, identity={"name": "tiny", "fingerprint": "f"})
     cfg = HeadsTrainConfig(n_future=3, head_type=head_type, targets=targets, draft_vocab=24, steps=30,
-                           batch_size=4, lr=3e-3, warmup=3, eval_every=10, log_every=5, val_rows=0.2)
+                           batch_size=4, lr=3e-3, warmup=3, eval_every=10, log_every=5, val_rows=0.2,
+                           soft_targets=soft)
     train_rows, val_rows = split_rows(c.rows, cfg.val_rows)
     summary = train_heads(heads, c, cfg, tmp_path / "heads", progress=False)
     first, last = summary["first_eval"], summary["eval"]
-    assert last["loss"] < 0.8 * first["loss"]
+    assert last["loss"] < (0.85 if soft else 0.8) * first["loss"]  # soft targets keep their entropy
     assert summary["steps"] == 30 and summary["tokens"] == 30 * 4 * 32
     rows = [json.loads(line) for line in (tmp_path / "heads" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r.get("split") != "val"]
@@ -115,6 +118,42 @@ def test_greedy_identity_with_a_draft_vocabulary(head_type):
     assert accepted > 0
     out = generate(model, torch.tensor([[1, 2, 3]]), 10, mode="spec", temperature=0.8, seed=0)  # sampling runs
     assert len(out.tokens[0]) == 10
+
+
+def test_soft_targets_are_the_base_distribution_at_the_target_position(cache):
+    model, _, c = cache
+    heads = MTPHeadsForCausalLM(model, 3, "sequential")
+    ids = torch.arange(0, 64, 2)
+    heads.set_draft_vocab(ids)
+    index = vocab_index(heads.draft_ids, 64)
+    h, x, gr = c.get([0, 1])
+    hard = head_statistics(heads, h, x, gr, "distill", heads.draft_ids, index, grad=False)
+    soft = head_statistics(heads, h, x, gr, "distill", heads.draft_ids, index, grad=False, soft=1.0)
+    half = head_statistics(heads, h, x, gr, "distill", heads.draft_ids, index, grad=False, soft=0.5)
+    gs = heads.head_hiddens_from(h, x)
+    W = model.lm_head.weight[ids]  # (N, d)
+    for i in (1, 2):
+        t = gr[:, i:]  # head i at t -> greedy[t+i], from the base's distribution at t+i
+        keep = index[t] != IGNORE
+        teacher = (h[:, i:][keep] @ W.T).softmax(-1)
+        expect = -(teacher * torch.log_softmax(gs[i][:, :-i][keep] @ W.T, -1)).sum()
+        torch.testing.assert_close(soft["ce"][i], expect, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(half["ce"][i], (hard["ce"][i] + soft["ce"][i]) / 2, rtol=1e-5, atol=1e-4)
+    assert soft["ce"][0] == hard["ce"][0] and soft["correct"] == hard["correct"]  # head 0, hits: unchanged
+    # one-hot target distributions give the hard CE; rows whose hard target is ignored are left out
+    logits, targets = torch.randn(5, 7), torch.tensor([1, 0, IGNORE, 6, 2])
+    onehot = torch.nn.functional.one_hot(targets.clamp(min=0), 7).float()
+    torch.testing.assert_close(soft_ce(logits, onehot, targets),
+                               torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum"))
+
+
+def test_soft_targets_need_distill_targets(cache, tmp_path):
+    model, _, c = cache
+    with pytest.raises(HeadsTrainError, match="soft_targets"):
+        HeadsTrainConfig(soft_targets=1.5)
+    cfg = HeadsTrainConfig(n_future=3, targets="corpus", soft_targets=0.5, steps=1, batch_size=2)
+    with pytest.raises(HeadsTrainError, match="soft-targets"):
+        train_heads(MTPHeadsForCausalLM(model, 3, "sequential"), c, cfg, tmp_path / "h", progress=False)
 
 
 def test_bad_config_and_texts():

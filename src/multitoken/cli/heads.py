@@ -17,7 +17,7 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
                            draft_vocab=args.draft_vocab, epochs=args.epochs, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
                            max_minutes=args.minutes, eval_every=args.eval_every, tree_budget=args.tree_budget,
-                           d_ff=args.d_ff)
+                           d_ff=args.d_ff, soft_targets=args.soft_targets)
     s = run_heads_train(args.base, args.data, args.out, cfg, cache_dir=args.cache, max_tokens=args.max_tokens,
                         seq_len=args.seq_len, generate_distill=args.generate_distill, threads=args.threads,
                         progress=not args.quiet, train_base_layers=args.train_base_layers,
@@ -52,6 +52,10 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--n-future", type=int, default=4, help="heads including the base's own (default 4: 3 drafts)")
     t.add_argument("--targets", default="distill", choices=["corpus", "distill"],
                    help="distill: the base's own greedy tokens (default; what acceptance needs); corpus: the text")
+    t.add_argument("--soft-targets", type=float, default=0.0, metavar="W",
+                   help="with distill targets: weight W in [0, 1] of the base's whole next-token distribution "
+                        "(read off the cached hidden states) in each draft head's CE, 1 - W on its greedy token "
+                        "(default 0: greedy tokens only)")
     t.add_argument("--draft-vocab", type=int, default=8192,
                    help="draft over the N most frequent base-greedy tokens of the cache (0 = full vocabulary)")
     t.add_argument("--steps", type=int, help="optimizer steps (default: --epochs passes)")

@@ -36,13 +36,18 @@ def unembed_weight(model, i: int) -> Tensor:
 
 
 def head_statistics(model, hidden: Tensor, tokens: Tensor, greedy: Tensor, targets_mode: str,
-                    draft_ids: Tensor | None, index: Tensor | None, grad: bool = True) -> dict[str, Any]:
+                    draft_ids: Tensor | None, index: Tensor | None, grad: bool = True,
+                    soft: float = 0.0) -> dict[str, Any]:
     """Per-head CE sums (over the draft vocabulary when given) and top-1 hits for a batch.
 
     hidden (B, T, d) cached base hidden states; tokens, greedy (B, T). Head 0 is the base head:
     reported, and trained only when base layers are (``model.adaptation``), where its CE keeps the
     adapted base close to the original's greedy tokens. With a draft vocabulary, targets outside it
     are left out of the CE (no draft can produce them) but count as misses in the accuracy.
+    ``soft`` > 0 (distill targets, final-layer cache): a draft head's CE is (1 - soft) x the CE
+    of the greedy token + soft x the CE against the base's whole next-token distribution there
+    (softmax of the base head on the cached hidden state at t+i, over the draft vocabulary), a
+    richer signal per cached token than its argmax alone.
     Returns ``ce`` (list of n scalar tensors, differentiable for trained heads when ``grad``),
     ``count`` (targets in the CE per head) and ``correct`` ((hits, valid targets) per head).
     """
@@ -55,17 +60,26 @@ def head_statistics(model, hidden: Tensor, tokens: Tensor, greedy: Tensor, targe
             valid = t != IGNORE_INDEX
             g, t = g[valid], t[valid]  # (M, d), (M,)
             W = unembed_weight(model, i)
-            if draft_ids is not None and not (i == 0 and model.trains_base):  # a trained base head: full V
-                logits = g @ W[draft_ids].T  # (M, N): only the draft vocabulary's rows
-                dt = index[t]  # draft index, IGNORE_INDEX outside the draft vocabulary
-            else:
-                logits, dt = g @ W.T, t  # (M, V)
+            rows = draft_ids is not None and not (i == 0 and model.trains_base)  # a trained base head: full V
+            W = W[draft_ids] if rows else W  # (N or V, d)
+            logits = g @ W.T  # (M, N or V)
+            dt = index[t] if rows else t  # draft index, IGNORE_INDEX outside the draft vocabulary
             # A hit in draft space is a hit in the full vocabulary: draft ids map one-to-one.
             ce_sum, n, hits = ce_statistics(logits, dt)
+            if soft and i > 0:
+                teacher = torch.cat([hidden[:, i:], hidden[:, :i]], 1)[valid]  # (M, d): the base at t+i
+                ce_sum = (1 - soft) * ce_sum + soft * soft_ce(logits, (teacher @ W.T).softmax(-1), dt)
         ce.append(ce_sum)
         count.append(int(n))
         correct.append((int(hits), int(t.numel())))
     return {"ce": ce, "count": count, "correct": correct}
+
+
+def soft_ce(logits: Tensor, probs: Tensor, targets: Tensor) -> Tensor:
+    """Summed CE of logits (M, N) against target distributions probs (M, N), over the rows whose
+    hard target is not IGNORE_INDEX (the rows the hard CE counts)."""
+    keep = targets != IGNORE_INDEX
+    return -(probs[keep] * torch.log_softmax(logits[keep].float(), -1)).sum()
 
 
 def combine_heads(ce: list, count: list, correct: list) -> dict[str, Any]:
@@ -101,7 +115,7 @@ def evaluate_heads(model, cache, rows: np.ndarray, cfg: HeadsTrainConfig, draft_
     correct = [(0, 0)] * model.n_future
     for i in range(0, len(rows), cfg.batch_size):
         h, x, gr = cache.get(rows[i:i + cfg.batch_size])
-        s = head_statistics(model, h, x, gr, cfg.targets, draft_ids, index, grad=False)
+        s = head_statistics(model, h, x, gr, cfg.targets, draft_ids, index, grad=False, soft=cfg.soft_targets)
         ce = [a + float(b) for a, b in zip(ce, s["ce"])]
         count = [a + b for a, b in zip(count, s["count"])]
         correct = [(a[0] + b[0], a[1] + b[1]) for a, b in zip(correct, s["correct"])]

@@ -32,11 +32,15 @@ from multitoken.training.metrics import METRICS, MetricsLog
 from multitoken.training.schedule import lr_factor, param_groups
 
 
-def check_cache(model, cache) -> None:
-    """The cache must hold hidden states of this base, at the layer these heads read."""
+def check_cache(model, cache, cfg: HeadsTrainConfig) -> None:
+    """The cache must hold hidden states of this base, at the layer these heads read (the final
+    layer for soft targets)."""
     if cache.vocab_size != model.vocab_size or cache.d_model != model.cfg.d_model:
         raise HeadsTrainError(f"hidden cache {cache.path} is for vocab_size={cache.vocab_size}, "
                               f"d_model={cache.d_model}; the base has {model.vocab_size}, {model.cfg.d_model}")
+    if cfg.soft_targets and (cache.layer is not None or model.trains_base or cfg.targets != "distill"):
+        raise HeadsTrainError("--soft-targets needs distill targets and a final-layer cache of a frozen base "
+                              "(the base's distribution is read off the cached final hidden states)")
     if cache.layer != model.cache_layer:
         raise HeadsTrainError(f"hidden cache {cache.path} holds hidden states of layer "
                               f"{'final' if cache.layer is None else cache.layer}; training these heads needs "
@@ -64,7 +68,7 @@ class _Schedule:
 def _step(model, opt, params, cache, batch, cfg: HeadsTrainConfig, draft_ids, index, step: int) -> dict:
     """One optimizer step on cached rows ``batch``; the step's statistics."""
     h, x, gr = cache.get(np.sort(batch))
-    s = head_statistics(model, h, x, gr, cfg.targets, draft_ids, index)
+    s = head_statistics(model, h, x, gr, cfg.targets, draft_ids, index, soft=cfg.soft_targets)
     trained = slice(0 if model.trains_base else 1, None)
     loss = sum(c / max(n, 1) for c, n in zip(s["ce"][trained], s["count"][trained]))
     if not torch.isfinite(loss):
@@ -106,7 +110,7 @@ def train_heads(model, cache, cfg: HeadsTrainConfig, out_dir: str | os.PathLike 
     """
     from tqdm import tqdm
 
-    check_cache(model, cache)
+    check_cache(model, cache, cfg)
     torch.manual_seed(cfg.seed)
     train_rows, val_rows = split_rows(cache.rows, cfg.val_rows, cfg.seed)
     if len(train_rows) == 0:

@@ -31,6 +31,7 @@ class HeadsTrainConfig:
     log_every: int = 10  # metrics row every this many steps (and at the end)
     eval_rows: int = 16  # validation rows scored per eval
     seed: int = 0
+    soft_targets: float = 0.0  # weight of the base's next-token distribution in a draft head's CE (0 = greedy tokens only)
     d_ff: int | None = None  # head MLP width (default: the base's)
     tree_budget: int = 8  # nodes of the static tree saved as tree.json (from validation top-k hits); 0 = none
     max_minutes: float | None = None  # training wall-time budget: without steps, the cosine runs over
@@ -44,6 +45,8 @@ class HeadsTrainConfig:
             raise HeadsTrainError(f"unknown head type {self.head_type!r}; allowed: {', '.join(HF_HEAD_TYPES)}")
         if self.targets not in TARGETS:
             raise HeadsTrainError(f"unknown targets {self.targets!r}; allowed: {', '.join(TARGETS)}")
+        if not 0 <= self.soft_targets <= 1:
+            raise HeadsTrainError(f"soft_targets must be in [0, 1], got {self.soft_targets}")
         if self.draft_vocab < 0:
             raise HeadsTrainError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
         if self.draft_vocab and self.head_type == "linear":
