@@ -80,3 +80,21 @@ def test_greedy_lean_decoding_equals_base_generate(arch, seed, prompt, mode):
     ids = torch.randint(0, 32, (1, prompt), generator=torch.Generator().manual_seed(seed))
     ref = hf_greedy(base, ids, 20)
     assert generate(model, ids, 20, mode=mode).tokens[0] == ref
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_stock_norms_run_as_their_own_operations_bitwise(arch):
+    from multitoken.hf.lean_forward import norm_function
+    base = make_arch(arch, 3)
+    layer = base.model.layers[0]
+    with torch.no_grad():
+        layer.input_layernorm.weight.normal_()  # not all ones
+        x = torch.randn(2, 5, base.config.hidden_size)
+        fn = norm_function(layer.input_layernorm)
+        assert fn is not layer.input_layernorm and torch.equal(fn(x), layer.input_layernorm(x))
+        layer.input_layernorm.weight.mul_(2.0)  # read at call time, not captured
+        assert torch.equal(fn(x), layer.input_layernorm(x))
+        xb = x.bfloat16()
+        assert torch.equal(fn(xb), layer.input_layernorm(xb))  # other dtypes: the module itself
+    other = torch.nn.LayerNorm(8)
+    assert norm_function(other) is other

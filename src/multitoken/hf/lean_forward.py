@@ -3,15 +3,17 @@
 Every verify pass of a wrapped base runs its decoder layers on a block of 1..16 new tokens.
 Through ``base.model(...)`` each pass also pays Hugging Face's per-call machinery (mask
 construction, output capture, ``DynamicCache`` concatenation of every layer's keys and
-values, which copies the whole cache on every pass). This module runs the same modules of
+values, which copies the whole cache on every pass). This module runs the same weights of
 the same model (norms, projections, MLP, the model's own rotary embedding) in the same order
-with the same operations, but writes keys and values into the preallocated
+with the same float operations, but writes keys and values into the preallocated
 :class:`multitoken.model.layers.KVCache`, so a rollback is a length change and a tree accept moves
 only the kept block entries. On a 2-core CPU, with the oneDNN kernels of
 :mod:`multitoken.hf.kernels`, this took a 4-token SmolLM2-135M pass (decoder layers only) from
 ~59 ms to ~51 ms in a side-by-side timing (``bench/smollm2/NOTES.md`` §8; whole verify passes:
 the verify-cost table of ``bench/smollm2/decode.md``); the hidden states were bitwise HF's
-there, and match to float tolerance in the tests.
+there, and match to float tolerance in the tests. It also calls fewer things per layer: stock
+RMSNorms as their own operations, q/k/v and gate/up as one product each where oneDNN runs
+(:class:`multitoken.hf.kernels.FusedBlockLinears`), ~1.5 ms less per SmolLM2 pass (NOTES §9).
 
 Only architectures whose decoder layer is exactly Llama's (pre-norm attention with rotary
 positions and grouped-query heads, then a pre-norm MLP) over full causal attention qualify;
