@@ -161,5 +161,7 @@ def test_fused_linears_repack_after_in_place_change_and_copy():
         after = fused(x)
         twin = copy.deepcopy(fused)
         assert all(torch.equal(a, b) for a, b in zip(twin(x), after))
+        layers[0].weight.data = torch.zeros_like(layers[0].weight)  # storage swapped without an in-place op
+        assert torch.equal(fused(x)[0], layers[0].bias.expand(4, -1))
     torch.testing.assert_close(after[2], 2 * before[2], atol=1e-5, rtol=1e-5)
     assert torch.equal(after[0], before[0])

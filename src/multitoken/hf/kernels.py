@@ -95,7 +95,7 @@ class FusedBlockLinears:
 
     def _weights(self) -> tuple[Tensor, Tensor | None]:
         params = [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None]
-        key = tuple((id(p), p._version) for p in params)
+        key = tuple((id(p), p.data_ptr(), p._version) for p in params)  # replaced, reassigned or modified
         if self._packed is None or key != self._key:
             with torch.no_grad():
                 weight = torch.cat([layer.weight.detach() for layer in self.layers])
