@@ -129,3 +129,27 @@ def test_cost_aware_defaults_keep_greedy_output_identical(cost_cache_dir, head_t
     assert sum(out.stats.draft_lengths) == out.stats.forward_passes - 1
     if mode == "tree":
         assert 1 <= out.stats.tree_nodes <= 15
+
+
+def test_the_cost_aware_tree_is_cut_to_the_depth_that_pays_each_step():
+    """Heads that are always wrong (the true token ranked last): after a few steps the default tree
+    verifies the pending token alone, probing now and then; heads that are always right keep the
+    whole tree. Output is the script either way."""
+    cost = CostModel([1], WIDTHS, [[1.0 + 0.1 * (w - 1) for w in WIDTHS]], [[0.05 * k for k in range(8)]])
+
+    def run(rank):
+        stub = HintedStub()
+        stub.rank = rank
+        depths = []
+        real_draft = stub.draft
+        stub.draft = lambda state, nxt, k, pick: depths.append(k) or real_draft(state, nxt, k, pick)
+        out = generate(stub, torch.tensor([[1, 2]]), 60, mode="tree", cost_model=cost, prompt_lookup=0)
+        assert out.tokens[0] == SCRIPT[2:62] and out.stats.chosen_by == "cost-aware"
+        return out.stats.forward_passes, depths
+
+    passes, depths = run(lambda length, j: 9)  # never in the tree
+    assert passes == 60 and 0 < len(depths) <= 15  # a few steps to learn, then a probe every 8th step
+    passes, depths = run(lambda length, j: 0)  # always the top candidate
+    # From the prior (every level reached half the time) up to the whole tree, and there it stays; the
+    # last step drafts only what the row may still emit.
+    assert passes < 25 and depths[:-1] == sorted(depths[:-1]) and depths[-4:-1] == [4, 4, 4]

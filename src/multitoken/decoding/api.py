@@ -17,7 +17,7 @@ import torch
 from multitoken.decoding.batch import TokenCallback, Tracker, as_rows, device_of, fit_context
 from multitoken.decoding.chain import ChainStep
 from multitoken.decoding.cost import CostModel
-from multitoken.decoding.cost_cache import check_cost_model
+from multitoken.decoding.cost_cache import check_cost_model, resolve_cost_model
 from multitoken.decoding.defaults import default_tree, lookup_setting, spec_policy
 from multitoken.decoding.loop import decode_loop
 from multitoken.decoding.sampling import Sampler
@@ -87,6 +87,8 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
         chosen_by = "given tree" if tree is not None else "dynamic"
     if mode == "tree":
         lookup, lookup_cost = lookup_setting(model, prompt_lookup, cost_model)
+        # The cost-aware default tree is also cut, each step, to the depth that pays (TreeStep's depth_cost).
+        depth_cost = resolve_cost_model(model, cost_model) if chosen_by == "cost-aware" else None
     else:
         policy, chosen_by = spec_policy(model, num_draft, len(rows), draft_cost,
                                         cost_model if mode == "spec" else "off")
@@ -95,7 +97,7 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
         tracker = Tracker(len(rows), max_new_tokens, eos_id, num_draft + lookup, on_tokens)
         if mode == "tree":
             stepper = TreeStep(model, sampler, num_draft, tree=tree, budget=tree_budget, lookup=lookup,
-                               cost_model=lookup_cost)
+                               cost_model=lookup_cost, depth_cost=depth_cost)
         else:
             stepper = ChainStep(model, sampler, tracker, num_draft, draft_model if mode == "draft" else None, policy)
         decode_loop(model, rows, sampler, tracker, stepper, context)

@@ -8,7 +8,9 @@
 * mode "tree" without ``tree`` / ``tree_budget``: when the model offers a top-k acceptance table
   (``draft_acceptance``, :mod:`multitoken.model.protocol`) and a cost model is on, the Medusa
   tree of 1..15 nodes with the best expected τ per step cost at this batch size, chosen once
-  per call; else the model's saved tree (``draft_tree``); else the default preset.
+  per call and cut each step to the depth that pays from the running rate at which its levels
+  are reached (as the chain sizes its drafts); else the model's saved tree (``draft_tree``);
+  else the default preset.
 * mode "tree" without ``prompt_lookup``: with a cost model, prompt-lookup chains of up to
   DEFAULT_LOOKUP tokens grafted onto the tree where the cost model says they pay
   (:mod:`multitoken.decoding.lookup`); without one, no lookup.

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from multitoken.decoding.loop import StepResult
 from multitoken.decoding.cost import CostModel
+from multitoken.decoding.draft_length import DraftLengthPolicy
 from multitoken.decoding.lookup import LookupDrafter, check_lookup
 from multitoken.decoding.sampling import Sampler
 from multitoken.decoding.tree_flat import FlatTree, flatten_tree
@@ -60,7 +61,12 @@ class TreeStep:
     ``num_draft`` levels and to what the rows may still emit.
     lookup: also graft, each step, a prompt-lookup continuation of up to this many tokens onto
     the tree (:mod:`multitoken.decoding.lookup`; 0 = off); it may reach past the heads' depth;
-    with ``cost_model`` a step grafts only when that is expected to pay.
+    with ``cost_model`` a step grafts only when that is expected to pay. ``depth_cost`` (a
+    CostModel, static trees) cuts each step's tree to the depth with the most expected tokens per cost,
+    from the running rate at which its levels were reached (a
+    :class:`~multitoken.decoding.draft_length.DraftLengthPolicy` over the tree's levels, as the
+    chain sizes its drafts), so a stretch of prose the heads rarely guess verifies the pending
+    token (and any lookup chain) alone.
     child_rule: acceptance rule for sampling (tests inject wrong ones).
     Each step reports the real nodes it verified per row (root included) and, on the chosen
     path, the drafts accepted and verified.
@@ -68,7 +74,7 @@ class TreeStep:
 
     def __init__(self, model: MTPDecoderModel, sampler: Sampler, num_draft: int, tree=None,
                  budget: int | None = None, child_rule: ChildRule | None = None, lookup: int = 0,
-                 cost_model: CostModel | None = None):
+                 cost_model: CostModel | None = None, depth_cost: CostModel | None = None):
         if tree is not None and budget is not None:
             raise MultitokenError("give either a static tree or a dynamic tree budget, not both")
         self.model, self.sampler, self.k, self.budget = model, sampler, num_draft, budget
@@ -86,10 +92,22 @@ class TreeStep:
         self.extra_capacity = width_max + self.lookup + model.n_future + 2
         self.step_trees: dict[int, StepTree | None] = {}  # static tree per depth limit, for this batch size
         self.can_select = True
+        self.depth_policy: DraftLengthPolicy | None = None
+        if depth_cost is not None and self.static is not None and self.static.max_depth > 0:
+            self.depth_policy, self.depth_cost = DraftLengthPolicy(self.static.max_depth, cost_model=depth_cost), depth_cost
+            cuts = [self.static.truncated(d) for d in range(self.static.max_depth + 1)]
+            self.level_widths = [1 if cut is None else cut.width for cut in cuts]  # root included
+        self.heads_depth = 0
 
     def start(self, state, rows: list[Tensor]) -> None:
         self.batch, self.device = len(rows), rows[0].device
         self.lookup_drafter = LookupDrafter(rows, self.lookup, self.cost_model) if self.lookup else None
+        if self.depth_policy is not None:
+            self.depth_policy.batch = self.batch
+
+    def _depth_cost(self, levels: int) -> float:
+        """The step cost of the static tree cut to ``levels`` (for the depth policy)."""
+        return self.depth_cost.step_cost(levels, self.batch, self.level_widths[levels])
 
     def want(self) -> int:
         return self.k + self.lookup  # a lookup chain may reach past the heads
@@ -115,6 +133,9 @@ class TreeStep:
 
     def step(self, state, pending: Tensor, depth: int) -> StepResult:
         heads_depth = min(depth, self.k)
+        if self.depth_policy is not None and heads_depth > 0:
+            heads_depth = min(heads_depth, self.depth_policy.choose(cost_of=self._depth_cost))
+        self.heads_depth = heads_depth
         step, candidates = self._draft(state, pending, heads_depth) if heads_depth > 0 else (None, None)
         if step is None:
             step = root_only_tree(self.batch, self.device)
@@ -140,9 +161,17 @@ class TreeStep:
     def committed(self, result: StepResult, counts: Tensor, active: list[bool]) -> None:
         if self.lookup_drafter is not None:
             self.lookup_drafter.commit(result.emitted, result.from_lookup, active)
+        if self.depth_policy is not None and self.heads_depth > 0:
+            lookup_only = result.from_lookup or [0] * len(active)
+            for b, on in enumerate(active):  # levels of the heads' tree this row's path reached
+                if on:
+                    self.depth_policy.update(min(result.accepted[b] - lookup_only[b], self.heads_depth),
+                                             self.heads_depth)
 
     def select(self, index: Tensor) -> None:
         self.batch = index.shape[0]
+        if self.depth_policy is not None:
+            self.depth_policy.batch = self.batch
         if self.lookup_drafter is not None:
             self.lookup_drafter.select(index)
         self.step_trees.clear()  # static step trees are expanded to the batch size
