@@ -86,9 +86,10 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
     elif mode == "tree":
         chosen_by = "given tree" if tree is not None else "dynamic"
     if mode == "tree":
-        lookup, lookup_cost = lookup_setting(model, prompt_lookup, cost_model)
-        # The cost-aware default tree is also cut, each step, to the depth that pays (TreeStep's depth_cost).
+        # The cost-aware default tree is also cut, each step, to the depth that pays (TreeStep's depth_cost);
+        # the costs it was built on, once resolved, also size the lookup chains.
         depth_cost = resolve_cost_model(model, cost_model) if chosen_by == "cost-aware" else None
+        lookup, lookup_cost = lookup_setting(model, prompt_lookup, depth_cost or cost_model)
     else:
         policy, chosen_by = spec_policy(model, num_draft, len(rows), draft_cost,
                                         cost_model if mode == "spec" else "off")

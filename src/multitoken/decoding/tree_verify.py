@@ -94,7 +94,7 @@ class TreeStep:
         self.can_select = True
         self.depth_policy: DraftLengthPolicy | None = None
         if depth_cost is not None and self.static is not None and self.static.max_depth > 0:
-            self.depth_policy, self.depth_cost = DraftLengthPolicy(self.static.max_depth, cost_model=depth_cost), depth_cost
+            self.depth_policy = DraftLengthPolicy(self.static.max_depth, cost_model=depth_cost)
             cuts = [self.static.truncated(d) for d in range(self.static.max_depth + 1)]
             self.level_widths = [1 if cut is None else cut.width for cut in cuts]  # root included
         self.heads_depth = 0
@@ -102,12 +102,10 @@ class TreeStep:
     def start(self, state, rows: list[Tensor]) -> None:
         self.batch, self.device = len(rows), rows[0].device
         self.lookup_drafter = LookupDrafter(rows, self.lookup, self.cost_model) if self.lookup else None
-        if self.depth_policy is not None:
-            self.depth_policy.batch = self.batch
 
     def _depth_cost(self, levels: int) -> float:
-        """The step cost of the static tree cut to ``levels`` (for the depth policy)."""
-        return self.depth_cost.step_cost(levels, self.batch, self.level_widths[levels])
+        """The step cost of the static tree cut to ``levels``, at this batch (for the depth policy)."""
+        return self.depth_policy.cost_model.step_cost(levels, self.batch, self.level_widths[levels])
 
     def want(self) -> int:
         return self.k + self.lookup  # a lookup chain may reach past the heads
@@ -170,8 +168,6 @@ class TreeStep:
 
     def select(self, index: Tensor) -> None:
         self.batch = index.shape[0]
-        if self.depth_policy is not None:
-            self.depth_policy.batch = self.batch
         if self.lookup_drafter is not None:
             self.lookup_drafter.select(index)
         self.step_trees.clear()  # static step trees are expanded to the batch size
