@@ -81,34 +81,42 @@ def distill_prompts(tokenizer, texts: Sequence[str], n: int, snippet_tokens: int
 
 @torch.inference_mode()
 def generate_distill_texts(model, tokenizer, prompts: Sequence[str], n_tokens: int, new_tokens: int = 128,
-                           batch_size: int = 64, progress: bool = True) -> list[str]:
+                           batch_size: int = 64, seed: int = 0, progress: bool = True) -> list[str]:
     """The base's own greedy answers to ``prompts`` (prompt + answer, up to and including EOS),
-    stopping once about ``n_tokens`` answer tokens are made.
+    stopping once about ``n_tokens`` answer tokens are made; returned in the order of ``prompts``.
 
-    Prompts run in batches of similar length, left-padded; batched and single-prompt greedy
-    answers can differ in rare near-ties, which does not matter for training data.
+    Batches hold prompts of next-to-equal length (all prompts sorted by length, then cut), so
+    left padding costs next to nothing: with batches cut from the prompts in their given order,
+    padding to each batch's longest prompt made half the prefill and much of the attention work
+    waste (123 against ~250 answer tokens/s for SmolLM2 on 2 cores). The batches run in a
+    seeded random order, so stopping at ``n_tokens`` drops a random subset of prompts, not the
+    longest ones. Batched and single-prompt greedy answers can differ in rare near-ties, which
+    does not matter for training data.
     """
     from tqdm import tqdm
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    out: list[str] = []
+    by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    batches = [by_length[s:s + batch_size] for s in range(0, len(by_length), batch_size)]
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    answered: dict[int, str] = {}
     bar = tqdm(total=n_tokens, unit="tok", desc="self-distillation", disable=not progress)
     made = 0
-    for start in range(0, len(encoded), batch_size):
+    for b in order:
         if made >= n_tokens:
             break
-        batch = sorted(encoded[start:start + batch_size], key=len)
+        batch = [encoded[i] for i in batches[b]]
         width = len(batch[-1])
-        ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch])  # (B, width), left-padded
-        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch])  # (B, width), left-padded
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])
         y = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                            pad_token_id=pad, eos_token_id=eos)[:, width:].tolist()
-        for prompt, answer in zip(batch, y):
+        for i, prompt, answer in zip(batches[b], batch, y):
             answer = answer[:answer.index(eos) + 1] if eos in answer else answer
             made += len(answer)
-            out.append(tokenizer.decode(prompt + answer, skip_special_tokens=False))
+            answered[i] = tokenizer.decode(prompt + answer, skip_special_tokens=False)
         bar.update(min(made, n_tokens) - bar.n)
     bar.close()
-    return out
+    return [answered[i] for i in sorted(answered)]

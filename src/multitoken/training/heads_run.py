@@ -21,8 +21,9 @@ def _texts(model, tokenizer, data: Sequence[str] | None, generate_distill: int, 
         from multitoken.hf.distill import distill_prompts, generate_distill_texts
 
         texts = list(texts)
-        # ~64 answer tokens per request on average (answers stop at EOS or 128 tokens)
-        prompts = distill_prompts(tokenizer, texts[::7], max(8, generate_distill // 64), model=model,
+        # One request per 96 answer tokens: SmolLM2's answers average ~118 (they stop at EOS or 128
+        # tokens), so ~20% are spare; generation stops at generate_distill, dropping a random subset.
+        prompts = distill_prompts(tokenizer, texts[::7], max(8, generate_distill // 96), model=model,
                                   progress=progress)
         texts = generate_distill_texts(model, tokenizer, prompts, generate_distill, progress=progress) + texts
     return texts

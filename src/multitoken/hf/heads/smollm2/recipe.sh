@@ -3,8 +3,8 @@
 # 2-core CPU, float32, offline. Run from the repository root after `make install`.
 set -euo pipefail
 export HF_HUB_OFFLINE=1
-RUN=${RUN:-runs/smollm2-heads4}
-CACHE=${CACHE:-runs/smollm2-cache3}
+RUN=${RUN:-runs/smollm2-heads5}
+CACHE=${CACHE:-runs/smollm2-cache5}
 # 1. Self-distillation: the base's own greedy answers (128 tokens max) to ~3,700 chat requests, ~240k answer
 #    tokens: every 4th a "Continue this Python code" request on a stdlib train-split snippet, the rest the broad
 #    offline mix of multitoken.data.distill_requests (stdlib-derived function/class/completion/review tasks,
@@ -16,7 +16,7 @@ CACHE=${CACHE:-runs/smollm2-cache3}
 #    next-token distribution (--soft-targets 0.5, read off the cached hidden states).
 #    On 2 cores: the cache (generation included) 58 min, training 27 min.
 .venv/bin/python -m multitoken heads train --base smollm2 --data '<stdlib>' '<prose>' --out "$RUN" \
-    --cache "$CACHE" --generate-distill 240000 --max-tokens 393216 --head-type sequential --n-future 4 \
+    --cache "$CACHE" --generate-distill 480000 --max-tokens 786432 --head-type sequential --n-future 4 \
     --targets distill --soft-targets 0.5 --draft-vocab 4096 --d-ff 768 --tree-budget 15 --steps 1500 --eval-every 100 \
     --lr 2e-3 --warmup 30 --batch-size 8 --threads 2
 .venv/bin/python bench/smollm2/summarize_heads_train.py "$RUN" bench/smollm2/heads_train
