@@ -3,7 +3,7 @@
 # ship the heads (16-bit copy into the package), then benchmark them on the packaged natural requests.
 set -euo pipefail
 export HF_HUB_OFFLINE=1
-RUN=${RUN:-runs/smollm2-heads4}
+RUN=${RUN:-runs/smollm2-heads5}
 if [ -d "$RUN" ]; then  # a fresh clone has no run folder: it benchmarks the committed heads
   .venv/bin/python -c "from multitoken.hf.shipped import export_heads; export_heads('$RUN', 'src/multitoken/hf/heads/smollm2')"
 fi
