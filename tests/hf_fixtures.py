@@ -6,6 +6,7 @@ WORDS = ("def return if else for in while import class self x y z n i print true
          "the a of to and is it that this with as be on at by from or an are was not").split()
 # Repetitive texts: a pattern the heads can learn within a few steps.
 TEXTS = [" ".join(WORDS[(3 * i + j) % 12] for j in range(60)) for i in range(24)]
+ROLES = ("system", "user", "assistant")  # in the vocabulary after WORDS, for chat texts
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
@@ -13,7 +14,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
 def make_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over WORDS (ids 0, 1 = <unk>, <eos>); ``chat`` adds a tiny chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>"] + WORDS)}
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>"] + WORDS + list(ROLES))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")

@@ -5,7 +5,8 @@ from conftest import hf_greedy
 
 pytest.importorskip("transformers")
 
-from multitoken.hf import BaseAdaptationError, MTPHeadsForCausalLM, build_hidden_cache, run_top_layers  # noqa: E402
+from multitoken.hf import (BaseAdaptationError, MTPHeadsForCausalLM, build_hidden_cache, hidden_at_layer,  # noqa: E402
+                          run_top_layers)
 from multitoken.decoding import generate  # noqa: E402
 from multitoken.training import HeadsTrainConfig, HeadsTrainError, train_heads  # noqa: E402
 
@@ -35,7 +36,13 @@ def test_only_the_top_layers_train_and_replaying_them_matches_the_base(layers, r
     with torch.no_grad():
         final = base.model(input_ids=tokens).last_hidden_state
         replayed = run_top_layers(base, model.base_hidden(tokens), layers)
+        # two documents packed in one row replay as each alone
+        positions = torch.cat([torch.arange(5), torch.arange(7)])[None].expand(2, -1)
+        packed = run_top_layers(base, hidden_at_layer(base, tokens, 1, positions)[0], layers, positions)
+        first = base.model(input_ids=tokens[:, :5]).last_hidden_state
+        second = base.model(input_ids=tokens[:, 5:]).last_hidden_state
     torch.testing.assert_close(replayed, final, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed, torch.cat([first, second], 1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layers,rank", MODES, ids=IDS)

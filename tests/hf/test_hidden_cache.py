@@ -1,5 +1,6 @@
 """Tests for multitoken.hf.hidden_cache on a tiny random Llama and a word-level tokenizer (no network)."""
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import hf_fixtures  # noqa: E402
 import multitoken.hf.hidden_cache as hidden_cache  # noqa: E402
 from hf_fixtures import WORDS, make_tokenizer  # noqa: E402
 from multitoken.hf import HiddenCache, PretrainedError, build_hidden_cache  # noqa: E402
+from multitoken.hf.doc_packing import PAD, TEXT  # noqa: E402
 
 make_model = functools.partial(hf_fixtures.make_model, vocab=128, tie=True)
 TEXTS = [" ".join(WORDS[(7 * i + j) % len(WORDS)] for j in range(40 + i)) for i in range(12)]
@@ -29,29 +31,39 @@ def direct(model, tokens: torch.Tensor):
 @pytest.mark.parametrize("hidden_dtype", ["float16", "bfloat16"])
 def test_hidden_cache_round_trip(tmp_path: Path, hidden_dtype: str):
     model, tok = make_model(), make_tokenizer()
-    cache = build_hidden_cache(model, tok, TEXTS, tmp_path / "hc", seq_len=16, max_tokens=200,
+    texts = [" ".join(t.split()[:5 + 2 * (i % 6)]) for i, t in enumerate(TEXTS)]  # documents of 6 to 16 tokens
+    cache = build_hidden_cache(model, tok, texts, tmp_path / "hc", seq_len=16, max_tokens=160,
                                batch_size=3, hidden_dtype=hidden_dtype, progress=False)
-    assert len(cache) == 12 and cache.meta["count"] == 192 and cache.tokens.dtype == np.uint16
-    stream = []
-    for t in TEXTS:
-        stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert cache.tokens.tolist() == stream[:192]  # packed, EOS between documents
-    batches = list(cache.batches(5))
-    assert [b[0].shape for b in batches] == [(5, 16, 64), (5, 16, 64), (2, 16, 64)]
-    hidden = torch.cat([b[0] for b in batches])
-    tokens, greedy = torch.cat([b[1] for b in batches]), torch.cat([b[2] for b in batches])
-    h_ref, g_ref = direct(model, tokens)
+    assert len(cache) == 10 and cache.meta["count"] == 160 and cache.tokens.dtype == np.uint16
+    batches = list(cache.batches(4))
+    assert [b.hidden.shape for b in batches] == [(4, 16, 64), (4, 16, 64), (2, 16, 64)]
+    rows = cache.get(range(10))
     tol = 1e-2 if hidden_dtype == "float16" else 5e-2
-    assert hidden.dtype == torch.float32 and torch.allclose(hidden, h_ref, rtol=tol, atol=tol)
-    assert torch.equal(greedy, g_ref)
+    assert rows.hidden.dtype == torch.float32
+    docs = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    found = 0
+    for r in range(10):  # each document's cached states are those of the document run alone
+        pos = rows.positions[r].tolist()
+        starts = [i for i, p in enumerate(pos) if p == 0] + [16]
+        for a, b in zip(starts, starts[1:]):
+            ids = rows.tokens[r, a:b]
+            if rows.segments[r, a] == PAD:
+                assert (rows.segments[r, a:b] == PAD).all() and (ids == tok.eos_token_id).all()
+                continue
+            assert ids.tolist() in docs and (rows.segments[r, a:b] == TEXT).all()
+            h_ref, g_ref = direct(model, ids[None])
+            assert torch.allclose(rows.hidden[r, a:b], h_ref[0], rtol=tol, atol=tol)
+            assert torch.equal(rows.greedy[r, a:b], g_ref[0])
+            found += 1
+    assert found > 10
     # shuffled batches cover the same rows; an identical rebuild reuses the cache
-    shuffled = torch.cat([b[1] for b in cache.batches(4, shuffle=True, seed=1)])
-    assert sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, tokens.tolist()))
-    again = build_hidden_cache(model, tok, TEXTS, tmp_path / "hc", seq_len=16, max_tokens=200,
+    shuffled = torch.cat([b.tokens for b in cache.batches(4, shuffle=True, seed=1)])
+    assert sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, rows.tokens.tolist()))
+    again = build_hidden_cache(model, tok, texts, tmp_path / "hc", seq_len=16, max_tokens=160,
                                batch_size=3, hidden_dtype=hidden_dtype, progress=False)
     assert again.meta == cache.meta
     with pytest.raises(PretrainedError, match="different hidden cache"):
-        build_hidden_cache(model, tok, TEXTS, tmp_path / "hc", seq_len=8, progress=False)
+        build_hidden_cache(model, tok, texts, tmp_path / "hc", seq_len=8, progress=False)
     cache.check_model(model, tok)
     with pytest.raises(PretrainedError, match="another model"):
         cache.check_model(make_model(seed=5), tok)
@@ -96,3 +108,16 @@ def test_hidden_cache_bad_input(tmp_path: Path):
     model.get_output_embeddings = lambda: other
     with pytest.raises(PretrainedError, match="logits are not lm_head"):
         build_hidden_cache(model, tok, TEXTS, tmp_path / "b", seq_len=16, progress=False)
+
+
+def test_a_cache_of_the_first_format_reads_as_one_text_per_row(tmp_path: Path):
+    """Caches built before documents were packed whole (one stream cut into rows, no positions or
+    segments files) still train: each row reads as one document, all of it text."""
+    model, tok = make_model(), make_tokenizer()
+    build_hidden_cache(model, tok, TEXTS, tmp_path / "hc", seq_len=16, max_tokens=64, progress=False)
+    meta = json.loads((tmp_path / "hc" / "meta.json").read_text())
+    (tmp_path / "hc" / "meta.json").write_text(json.dumps({**meta, "format": "multitoken-hidden-cache/1"}))
+    for name in ("positions.bin", "segments.bin"):
+        (tmp_path / "hc" / name).unlink()
+    rows = HiddenCache(tmp_path / "hc").get([0, 3])
+    assert rows.positions.tolist() == [list(range(16))] * 2 and (rows.segments == TEXT).all()

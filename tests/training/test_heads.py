@@ -17,6 +17,8 @@ from multitoken.training.draft_vocab import draft_vocab_from_cache, draft_vocab_
 from multitoken.training.head_stats import (evaluate_heads, head_statistics, head_targets, soft_ce,  # noqa: E402
                                             split_rows)
 from multitoken.hf import DraftVocabHead, MTPHeadsForCausalLM, build_hidden_cache  # noqa: E402
+from multitoken.hf.doc_packing import PROMPT, TEXT  # noqa: E402
+from multitoken.hf.hidden_cache import CachedRows  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant{% endif %}")
@@ -42,6 +44,40 @@ def test_head_targets_corpus_and_distill():
         head_targets(tokens, greedy, 3, "teacher")
 
 
+@pytest.mark.parametrize("head_type,targets", [("sequential", "distill"), ("residual", "corpus")])
+def test_a_packed_row_trains_as_its_documents_alone(head_type, targets):
+    """Statistics of a row of packed documents equal the sums over each document on its own row,
+    prompt positions left out (and counted with prompt_loss)."""
+    torch.manual_seed(0)
+    model = make_model()
+    heads = MTPHeadsForCausalLM(model, 4, head_type)
+    for p in heads.heads.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    lengths, segs = [5, 9, 2, 8], [[PROMPT] * 2 + [TEXT] * 3, [TEXT] * 9, [TEXT] * 2, [PROMPT] * 3 + [TEXT] * 5]
+    tokens = torch.randint(2, 40, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    segments = torch.tensor([s for seg in segs for s in seg])[None]
+    with torch.no_grad():
+        hidden = model.model(tokens).last_hidden_state  # stand-in states
+        greedy = torch.randint(2, 40, tokens.shape)
+    packed = CachedRows(hidden, tokens, greedy, positions, segments)
+    for prompt_loss in (False, True):
+        row = head_statistics(heads, packed, targets, None, None, grad=False, prompt_loss=prompt_loss)
+        ce, count, hits = torch.zeros(4), [0] * 4, [0] * 4
+        start = 0
+        for n in lengths:  # each document alone, at positions 0..n-1
+            part = CachedRows(*(t[:, start:start + n] for t in packed))
+            one = head_statistics(heads, part, targets, None, None, grad=False, prompt_loss=prompt_loss)
+            ce += torch.stack(one["ce"])
+            count = [a + b for a, b in zip(count, one["count"])]
+            hits = [a + b[0] for a, b in zip(hits, one["correct"])]
+            start += n
+        torch.testing.assert_close(torch.stack(row["ce"]), ce, rtol=1e-4, atol=1e-4)
+        assert row["count"] == count and [h for h, _ in row["correct"]] == hits
+        if targets == "distill":  # head 0 scores every trained position: the answers, or all with prompt_loss
+            assert count[0] == (segments != 0 if prompt_loss else segments == TEXT).sum()
+
+
 def test_draft_vocab_mapping(cache):
     counts = np.array([5, 0, 9, 9, 1, 7])
     assert draft_vocab_from_counts(counts, 3).tolist() == [2, 3, 5]  # most frequent, ties by lower id
@@ -50,7 +86,7 @@ def test_draft_vocab_mapping(cache):
     assert index.tolist() == [IGNORE, IGNORE, 0, 1, IGNORE, 2]
     _, _, c = cache
     ids, coverage = draft_vocab_from_cache(c, 8)
-    greedy = np.asarray(c.greedy)
+    greedy = np.asarray(c.greedy)[np.asarray(c.segments) == TEXT]  # not the padding
     assert len(ids) == 8 and coverage == pytest.approx(np.isin(greedy, ids).mean())
     # the decoding head: logits over the draft ids, -inf elsewhere, equal to the full head there
     w = torch.randn(16, 4)
@@ -126,10 +162,11 @@ def test_soft_targets_are_the_base_distribution_at_the_target_position(cache):
     ids = torch.arange(0, 64, 2)
     heads.set_draft_vocab(ids)
     index = vocab_index(heads.draft_ids, 64)
-    h, x, gr = c.get([0, 1])
-    hard = head_statistics(heads, h, x, gr, "distill", heads.draft_ids, index, grad=False)
-    soft = head_statistics(heads, h, x, gr, "distill", heads.draft_ids, index, grad=False, soft=1.0)
-    half = head_statistics(heads, h, x, gr, "distill", heads.draft_ids, index, grad=False, soft=0.5)
+    h, x, gr, _, seg = c.get([0, 1])
+    rows = CachedRows(h, x, gr, torch.arange(32).expand(2, 32), seg)  # one document per row
+    hard = head_statistics(heads, rows, "distill", heads.draft_ids, index, grad=False)
+    soft = head_statistics(heads, rows, "distill", heads.draft_ids, index, grad=False, soft=1.0)
+    half = head_statistics(heads, rows, "distill", heads.draft_ids, index, grad=False, soft=0.5)
     gs = heads.head_hiddens_from(h, x)
     W = model.lm_head.weight[ids]  # (N, d)
     for i in (1, 2):

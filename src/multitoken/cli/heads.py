@@ -17,7 +17,7 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
                            draft_vocab=args.draft_vocab, epochs=args.epochs, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
                            max_minutes=args.minutes, eval_every=args.eval_every, tree_budget=args.tree_budget,
-                           d_ff=args.d_ff, soft_targets=args.soft_targets)
+                           d_ff=args.d_ff, soft_targets=args.soft_targets, prompt_loss=args.prompt_loss)
     s = run_heads_train(args.base, args.data, args.out, cfg, cache_dir=args.cache, max_tokens=args.max_tokens,
                         seq_len=args.seq_len, generate_distill=args.generate_distill, threads=args.threads,
                         progress=not args.quiet, train_base_layers=args.train_base_layers,
@@ -56,6 +56,9 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
                    help="with distill targets: weight W in [0, 1] of the base's whole next-token distribution "
                         "(read off the cached hidden states) in each draft head's CE, 1 - W on its greedy token "
                         "(default 0: greedy tokens only)")
+    t.add_argument("--prompt-loss", action="store_true",
+                   help="train on the chat prompts of the cached texts too (default: only on the assistant's "
+                        "answers and on plain text, the positions decoding drafts from)")
     t.add_argument("--draft-vocab", type=int, default=8192,
                    help="draft over the N most frequent base-greedy tokens of the cache (0 = full vocabulary)")
     t.add_argument("--steps", type=int, help="optimizer steps (default: --epochs passes)")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from multitoken.errors import MultitokenError
 from multitoken.hf.loading import require_package
+from multitoken.model.layers import document_mask
 
 
 class BaseAdaptationError(MultitokenError):
@@ -68,15 +69,19 @@ def cache_layer(base: nn.Module, layers: int) -> int | None:
     return len(decoder_stack(base)[0]) - layers if layers else None
 
 
-def run_top_layers(base: nn.Module, hidden: Tensor, layers: int) -> Tensor:
-    """hidden (B, T, d) entering decoder layer L-``layers`` at positions 0..T-1 -> the final
-    post-norm hidden state (B, T, d), through the (trainable) top layers, causal, no KV cache."""
+def run_top_layers(base: nn.Module, hidden: Tensor, layers: int, positions: Tensor | None = None) -> Tensor:
+    """hidden (B, T, d) entering decoder layer L-``layers`` at positions 0..T-1 (or ``positions``
+    (B, T) of packed documents, each attended to on its own) -> the final post-norm hidden state
+    (B, T, d), through the (trainable) top layers, causal, no KV cache."""
     require_package("transformers", "pip install transformers")
     from transformers.masking_utils import create_causal_mask
     stack, norm = decoder_stack(base)
-    positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
-    mask = create_causal_mask(config=base.config, inputs_embeds=hidden, attention_mask=None, cache=None,
-                              position_ids=positions)
+    if positions is None:
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
+        mask = create_causal_mask(config=base.config, inputs_embeds=hidden, attention_mask=None, cache=None,
+                                  position_ids=positions)
+    else:
+        mask = document_mask(positions)
     rope = base.model.rotary_emb(hidden, position_ids=positions)
     for layer in stack[len(stack) - layers:]:
         out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)

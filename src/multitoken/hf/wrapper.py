@@ -192,12 +192,13 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
         base), i = the input of decoder layer i (the first trained one)."""
         return cache_layer(self.base, self.adaptation["layers"])
 
-    def head_hiddens_from(self, hidden: Tensor, tokens: Tensor) -> list[Tensor]:
+    def head_hiddens_from(self, hidden: Tensor, tokens: Tensor, positions: Tensor | None = None) -> list[Tensor]:
         """g_0..g_{n-1} (B, T, d) from cached base hidden states (B, T, d) at :attr:`cache_layer`
-        and tokens (B, T); trained base layers run here."""
+        and tokens (B, T); trained base layers run here. positions (B, T): rows of packed
+        documents (a hidden cache's), each attended to on its own."""
         if self.trains_base:
-            hidden = run_top_layers(self.base, hidden, self.adaptation["layers"])
-        return [hidden] + self.heads.hiddens(hidden, None, tokens)
+            hidden = run_top_layers(self.base, hidden, self.adaptation["layers"], positions)
+        return [hidden] + self.heads.hiddens(hidden, None, tokens, positions)
 
     @torch.no_grad()
     def base_hidden(self, tokens: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from multitoken.model.config import HEAD_TYPES, MTPConfig
 from multitoken.model.layers import (
-    Block, CommittedSequence, KVCache, PassContext, RMSNorm, RotaryEmbedding, causal_context,
+    Block, CommittedSequence, KVCache, PassContext, RMSNorm, RotaryEmbedding, causal_context, packed_context,
 )
 from multitoken.model.protocol import DraftPicker
 from multitoken.model.targets import shift_tokens
@@ -146,15 +146,22 @@ class Heads(nn.Module):
         return (draft if drafting and draft is not None else self.shared.lm_head)(g)
 
     # ----------------------------------------------------------------- training
-    def hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor) -> list[Tensor]:
+    def hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor, positions: Tensor | None = None) -> list[Tensor]:
         """Teacher-forced g_1..g_{n-1}, each (B, T, d).
 
         hn: (B, T, d) trunk final-norm hidden (lm_head input); z: (B, T, d) input of the
-        trunk's last block (``transformer`` heads branch off there); tokens: (B, T).
+        trunk's last block (``transformer`` heads branch off there); tokens: (B, T);
+        positions: (B, T) for rows of packed documents (:func:`packed_context`: heads that attend
+        see their own document only), None for one sequence per row.
         """
-        return self._hiddens(hn, z, tokens) if self.n_extra else []
+        if not self.n_extra:
+            return []
+        batch, width = tokens.shape
+        ctx = (causal_context(batch, width, self.shared.rope, tokens.device) if positions is None
+               else packed_context(positions, self.shared.rope))
+        return self._hiddens(hn, z, tokens, ctx)
 
-    def _hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor) -> list[Tensor]:
+    def _hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor, ctx: PassContext) -> list[Tensor]:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- decoding
@@ -205,7 +212,7 @@ class PositionwiseHeads(Heads):
         """g_i (..., d) from the trunk's final-norm hidden hn (..., d)."""
         raise NotImplementedError
 
-    def _hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor) -> list[Tensor]:
+    def _hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor, ctx: PassContext) -> list[Tensor]:
         return [self.head_hidden(i, hn) for i in range(1, self.n_extra + 1)]
 
     def draft(self, state: HeadsDecodeState, next_tokens: Tensor, num_draft: int,
@@ -263,8 +270,7 @@ class TransformerHeads(Heads):
         self.blocks = nn.ModuleList(Block(d, cfg.n_head, cfg.n_kv_head, cfg.d_ff, cfg.norm_eps) for _ in range(n))
         self.norms = nn.ModuleList(RMSNorm(d, cfg.norm_eps) for _ in range(n))
 
-    def _hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor) -> list[Tensor]:
-        ctx = causal_context(tokens.shape[0], tokens.shape[1], self.shared.rope, tokens.device)
+    def _hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor, ctx: PassContext) -> list[Tensor]:
         return [norm(block(z, ctx)) for block, norm in zip(self.blocks, self.norms)]
 
     def new_decode_state(self, seq: CommittedSequence) -> TransformerDecodeState:
@@ -307,8 +313,7 @@ class SequentialHeads(Heads):
     def _build(self, cfg: MTPConfig) -> None:
         self.modules_ = nn.ModuleList(SequentialModule(cfg) for _ in range(self.n_extra))
 
-    def _hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor) -> list[Tensor]:
-        ctx = causal_context(tokens.shape[0], tokens.shape[1], self.shared.rope, tokens.device)
+    def _hiddens(self, hn: Tensor, z: Tensor | None, tokens: Tensor, ctx: PassContext) -> list[Tensor]:
         out, h = [], hn
         for k, module in enumerate(self.modules_, start=1):
             # Depth k at position t reads token t+k; past the end any id works (targets ignored).

@@ -286,3 +286,25 @@ def causal_context(batch: int, width: int, rope: RotaryEmbedding, device) -> Pas
     positions = torch.arange(width, device=device).expand(batch, width)
     cos, sin = rope(positions)
     return PassContext(cos, sin)
+
+
+def document_ids(positions: Tensor) -> Tensor:
+    """(B, T) long: which document of its row each token belongs to, for rows of packed
+    documents whose positions (B, T) restart at 0 where a document starts."""
+    return (positions == 0).long().cumsum(-1)
+
+
+def document_mask(positions: Tensor) -> Tensor:
+    """(B, 1, T, T) bool, True = may attend: causal within each packed document, nothing across
+    documents (positions (B, T) as in :func:`document_ids`)."""
+    docs = document_ids(positions)
+    width = positions.shape[-1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=positions.device).tril()
+    return ((docs[:, :, None] == docs[:, None, :]) & causal).unsqueeze(1)
+
+
+def packed_context(positions: Tensor, rope: RotaryEmbedding) -> PassContext:
+    """Cache-free pass over rows of packed documents: each token at its own document's position,
+    attending to its own document only (what it sees when that document is decoded alone)."""
+    cos, sin = rope(positions)
+    return PassContext(cos, sin, mask=document_mask(positions))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from multitoken.hf.doc_packing import TEXT
 from multitoken.model.targets import IGNORE_INDEX
 
 
@@ -27,12 +28,15 @@ def draft_vocab_from_counts(counts: np.ndarray, size: int, always: Sequence[int]
 
 def draft_vocab_from_cache(cache, size: int, rows: np.ndarray | None = None,
                            always: Sequence[int] = ()) -> tuple[np.ndarray, float]:
-    """(ids, coverage): the ``size`` most frequent base-greedy tokens of the cache ``rows``, and
-    the fraction of those rows' greedy tokens that the ids cover."""
-    greedy = np.asarray(cache.greedy)
+    """(ids, coverage): the ``size`` most frequent base-greedy tokens at the text positions (answers,
+    plain text; not prompts or padding) of the cache ``rows``, and the fraction of those greedy
+    tokens that the ids cover."""
+    greedy, segments = np.asarray(cache.greedy), np.asarray(cache.segments)
     if rows is not None:
         T = cache.seq_len
         greedy = greedy.reshape(-1, T)[np.asarray(rows)].reshape(-1)
+        segments = segments.reshape(-1, T)[np.asarray(rows)].reshape(-1)
+    greedy = greedy[segments == TEXT]
     counts = np.bincount(greedy.astype(np.int64), minlength=cache.vocab_size)
     ids = draft_vocab_from_counts(counts, size, always)
     return ids, float(counts[ids].sum() / max(1, counts.sum()))

@@ -9,23 +9,45 @@ import torch
 from torch import Tensor
 
 from multitoken.decoding import expected_chain_tau
+from multitoken.hf.doc_packing import PAD, TEXT
+from multitoken.model.layers import document_ids
 from multitoken.model.targets import IGNORE_INDEX, shift_targets, shift_tokens
 from multitoken.training.heads_config import TARGETS, HeadsTrainConfig, HeadsTrainError
 from multitoken.training.loss import head_means, head_statistics as ce_statistics
 
 
-def head_targets(tokens: Tensor, greedy: Tensor, n_future: int, mode: str) -> list[Tensor]:
+def head_targets(tokens: Tensor, greedy: Tensor, n_future: int, mode: str, positions: Tensor | None = None,
+                 trained: Tensor | None = None) -> list[Tensor]:
     """Targets of heads 0..n-1, each (B, T) long with IGNORE_INDEX past the row's end.
 
     corpus: head i at t -> tokens[t+i+1] (the text, :func:`shift_targets`); distill: head i at
     t -> greedy[t+i], the base's own greedy token after the context x[..t+i] (what verification
     compares drafts with; greedy[t] already predicts t+1, hence one shift less).
+    positions (B, T): rows of packed documents; a target in another document than t is ignored.
+    trained (B, T) bool: the positions that train (:func:`trained_positions`); the rest are ignored.
     """
     if mode not in TARGETS:
         raise HeadsTrainError(f"unknown targets {mode!r}; allowed: {', '.join(TARGETS)}")
+    docs = None if positions is None else document_ids(positions)
     if mode == "corpus":
-        return [shift_targets(tokens, i) for i in range(n_future)]
-    return [shift_tokens(greedy, i, IGNORE_INDEX) for i in range(n_future)]
+        targets = [shift_targets(tokens, i, IGNORE_INDEX, docs) for i in range(n_future)]
+    else:
+        targets = [shift_tokens(greedy, i, IGNORE_INDEX) for i in range(n_future)]
+        if docs is not None:
+            targets = [t.masked_fill(shift_tokens(docs, i, -1) != docs, IGNORE_INDEX) for i, t in enumerate(targets)]
+    return targets if trained is None else [t.masked_fill(~trained, IGNORE_INDEX) for t in targets]
+
+
+def trained_positions(segments: Tensor, prompt_loss: bool = False) -> Tensor:
+    """(B, T) bool: where heads train on cached rows: answers and plain text (:data:`TEXT`), and
+    with ``prompt_loss`` the chat prompts too; never the row padding."""
+    return segments != PAD if prompt_loss else segments == TEXT
+
+
+def _rows_targets(rows, n_future: int, mode: str, prompt_loss: bool) -> list[Tensor]:
+    """:func:`head_targets` of cached rows (a :class:`~multitoken.hf.hidden_cache.CachedRows`)."""
+    return head_targets(rows.tokens, rows.greedy, n_future, mode, rows.positions,
+                        trained_positions(rows.segments, prompt_loss))
 
 
 def unembed_weight(model, i: int) -> Tensor:
@@ -35,12 +57,13 @@ def unembed_weight(model, i: int) -> Tensor:
     return model.lm_head.weight
 
 
-def head_statistics(model, hidden: Tensor, tokens: Tensor, greedy: Tensor, targets_mode: str,
-                    draft_ids: Tensor | None, index: Tensor | None, grad: bool = True,
-                    soft: float = 0.0) -> dict[str, Any]:
+def head_statistics(model, rows, targets_mode: str, draft_ids: Tensor | None, index: Tensor | None,
+                    grad: bool = True, soft: float = 0.0, prompt_loss: bool = False) -> dict[str, Any]:
     """Per-head CE sums (over the draft vocabulary when given) and top-1 hits for a batch.
 
-    hidden (B, T, d) cached base hidden states; tokens, greedy (B, T). Head 0 is the base head:
+    rows: a :class:`~multitoken.hf.hidden_cache.CachedRows` (cached base hidden states (B, T, d);
+    tokens, greedy, positions, segments (B, T)); heads train where :func:`trained_positions` says
+    (``prompt_loss``), each document of a row on its own. Head 0 is the base head:
     reported, and trained only when base layers are (``model.adaptation``), where its CE keeps the
     adapted base close to the original's greedy tokens. With a draft vocabulary, targets outside it
     are left out of the CE (no draft can produce them) but count as misses in the accuracy.
@@ -51,9 +74,10 @@ def head_statistics(model, hidden: Tensor, tokens: Tensor, greedy: Tensor, targe
     Returns ``ce`` (list of n scalar tensors, differentiable for trained heads when ``grad``),
     ``count`` (targets in the CE per head) and ``correct`` ((hits, valid targets) per head).
     """
-    targets = head_targets(tokens, greedy, model.n_future, targets_mode)
+    hidden = rows.hidden
+    targets = _rows_targets(rows, model.n_future, targets_mode, prompt_loss)
     with torch.set_grad_enabled(grad):
-        gs = model.head_hiddens_from(hidden, tokens)  # n x (B, T, d)
+        gs = model.head_hiddens_from(hidden, rows.tokens, rows.positions)  # n x (B, T, d)
     ce, count, correct = [], [], []
     for i, (g, t) in enumerate(zip(gs, targets)):
         with torch.set_grad_enabled(grad and (i > 0 or model.trains_base)):
@@ -114,8 +138,8 @@ def evaluate_heads(model, cache, rows: np.ndarray, cfg: HeadsTrainConfig, draft_
     count = [0] * model.n_future
     correct = [(0, 0)] * model.n_future
     for i in range(0, len(rows), cfg.batch_size):
-        h, x, gr = cache.get(rows[i:i + cfg.batch_size])
-        s = head_statistics(model, h, x, gr, cfg.targets, draft_ids, index, grad=False, soft=cfg.soft_targets)
+        s = head_statistics(model, cache.get(rows[i:i + cfg.batch_size]), cfg.targets, draft_ids, index, grad=False,
+                            soft=cfg.soft_targets, prompt_loss=cfg.prompt_loss)
         ce = [a + float(b) for a, b in zip(ce, s["ce"])]
         count = [a + b for a, b in zip(count, s["count"])]
         correct = [(a[0] + b[0], a[1] + b[1]) for a, b in zip(correct, s["correct"])]
@@ -134,9 +158,9 @@ def topk_hits(model, cache, rows: np.ndarray, cfg: HeadsTrainConfig, draft_ids, 
     was = model.training
     model.eval()
     for i in range(0, len(rows), cfg.batch_size):
-        h, x, gr = cache.get(rows[i:i + cfg.batch_size])
-        targets = head_targets(x, gr, model.n_future, cfg.targets)
-        gs = model.head_hiddens_from(h, x)
+        batch = cache.get(rows[i:i + cfg.batch_size])
+        targets = _rows_targets(batch, model.n_future, cfg.targets, cfg.prompt_loss)
+        gs = model.head_hiddens_from(batch.hidden, batch.tokens, batch.positions)
         for j in range(1, model.n_future):
             valid = targets[j] != IGNORE_INDEX
             g, t = gs[j][valid], targets[j][valid]

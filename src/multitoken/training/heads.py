@@ -67,8 +67,8 @@ class _Schedule:
 
 def _step(model, opt, params, cache, batch, cfg: HeadsTrainConfig, draft_ids, index, step: int) -> dict:
     """One optimizer step on cached rows ``batch``; the step's statistics."""
-    h, x, gr = cache.get(np.sort(batch))
-    s = head_statistics(model, h, x, gr, cfg.targets, draft_ids, index, soft=cfg.soft_targets)
+    rows = cache.get(np.sort(batch))
+    s = head_statistics(model, rows, cfg.targets, draft_ids, index, soft=cfg.soft_targets, prompt_loss=cfg.prompt_loss)
     trained = slice(0 if model.trains_base else 1, None)
     loss = sum(c / max(n, 1) for c, n in zip(s["ce"][trained], s["count"][trained]))
     if not torch.isfinite(loss):
@@ -78,7 +78,7 @@ def _step(model, opt, params, cache, batch, cfg: HeadsTrainConfig, draft_ids, in
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
-    return {**s, "tokens": x.numel()}
+    return {**s, "tokens": rows.tokens.numel()}
 
 
 def _report_eval(bar, done: int, ev: dict) -> None:

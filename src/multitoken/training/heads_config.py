@@ -31,6 +31,7 @@ class HeadsTrainConfig:
     log_every: int = 10  # metrics row every this many steps (and at the end)
     eval_rows: int = 16  # validation rows scored per eval
     seed: int = 0
+    prompt_loss: bool = False  # train on the chat prompts of cached texts too, not only on answers and plain text
     soft_targets: float = 0.0  # weight of the base's next-token distribution in a draft head's CE (0 = greedy tokens only)
     d_ff: int | None = None  # head MLP width (default: the base's)
     tree_budget: int = 8  # nodes of the static tree saved as tree.json (from validation top-k hits); 0 = none
