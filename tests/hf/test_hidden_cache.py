@@ -1,6 +1,5 @@
 """Tests for multitoken.hf.hidden_cache on a tiny random Llama and a word-level tokenizer (no network)."""
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -110,14 +109,20 @@ def test_hidden_cache_bad_input(tmp_path: Path):
         build_hidden_cache(model, tok, TEXTS, tmp_path / "b", seq_len=16, progress=False)
 
 
-def test_a_cache_of_the_first_format_reads_as_one_text_per_row(tmp_path: Path):
-    """Caches built before documents were packed whole (one stream cut into rows, no positions or
-    segments files) still train: each row reads as one document, all of it text."""
+def test_the_stream_layout_is_the_first_format(tmp_path: Path):
+    """layout="stream" joins the texts with EOS and cuts rows (format /1, no positions or segments
+    files, as caches were first built): each row is one causal sequence, every position text."""
     model, tok = make_model(), make_tokenizer()
-    build_hidden_cache(model, tok, TEXTS, tmp_path / "hc", seq_len=16, max_tokens=64, progress=False)
-    meta = json.loads((tmp_path / "hc" / "meta.json").read_text())
-    (tmp_path / "hc" / "meta.json").write_text(json.dumps({**meta, "format": "multitoken-hidden-cache/1"}))
-    for name in ("positions.bin", "segments.bin"):
-        (tmp_path / "hc" / name).unlink()
-    rows = HiddenCache(tmp_path / "hc").get([0, 3])
-    assert rows.positions.tolist() == [list(range(16))] * 2 and (rows.segments == TEXT).all()
+    cache = build_hidden_cache(model, tok, TEXTS, tmp_path / "hc", seq_len=16, max_tokens=200, layout="stream",
+                               progress=False)
+    stream = []
+    for t in TEXTS:
+        stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert cache.meta["format"] == "multitoken-hidden-cache/1" and cache.tokens.tolist() == stream[:192]
+    assert not (tmp_path / "hc" / "positions.bin").exists() and not (tmp_path / "hc" / "segments.bin").exists()
+    rows = HiddenCache(tmp_path / "hc").get(range(12))
+    assert rows.positions is None and (rows.segments == TEXT).all()
+    h_ref, g_ref = direct(model, rows.tokens)
+    assert torch.allclose(rows.hidden, h_ref, rtol=1e-2, atol=1e-2) and torch.equal(rows.greedy, g_ref)
+    with pytest.raises(PretrainedError, match="layout"):
+        build_hidden_cache(model, tok, TEXTS, tmp_path / "x", seq_len=16, layout="rows", progress=False)

@@ -65,8 +65,9 @@ def test_a_packed_row_trains_as_its_documents_alone(head_type, targets):
         row = head_statistics(heads, packed, targets, None, None, grad=False, prompt_loss=prompt_loss)
         ce, count, hits = torch.zeros(4), [0] * 4, [0] * 4
         start = 0
-        for n in lengths:  # each document alone, at positions 0..n-1
-            part = CachedRows(*(t[:, start:start + n] for t in packed))
+        for n in lengths:  # each document alone, as a plain row (no positions: the causal path)
+            h, x, gr, _, seg = (t[:, start:start + n] for t in packed)
+            part = CachedRows(h, x, gr, None, seg)
             one = head_statistics(heads, part, targets, None, None, grad=False, prompt_loss=prompt_loss)
             ce += torch.stack(one["ce"])
             count = [a + b for a, b in zip(count, one["count"])]

@@ -21,7 +21,7 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
     s = run_heads_train(args.base, args.data, args.out, cfg, cache_dir=args.cache, max_tokens=args.max_tokens,
                         seq_len=args.seq_len, generate_distill=args.generate_distill, threads=args.threads,
                         progress=not args.quiet, train_base_layers=args.train_base_layers,
-                        lora_rank=args.lora_rank)
+                        lora_rank=args.lora_rank, cache_layout=args.cache_layout)
     ev = s["eval"] or {}
     built = "reused" if s["cache_reused"] else f"built in {s['cache_s']:.0f} s"
     print(f"trained {s['steps']} steps on {s['tokens']} tokens ({s['epochs']:.1f} epochs of "
@@ -56,6 +56,10 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
                    help="with distill targets: weight W in [0, 1] of the base's whole next-token distribution "
                         "(read off the cached hidden states) in each draft head's CE, 1 - W on its greedy token "
                         "(default 0: greedy tokens only)")
+    t.add_argument("--cache-layout", default="documents", choices=["documents", "stream"],
+                   help="documents: each text whole in a row, at its own positions, attending to itself alone "
+                        "(default); stream: the texts joined and cut into rows, every position trained (the "
+                        "layout the shipped SmolLM2 heads were made with)")
     t.add_argument("--prompt-loss", action="store_true",
                    help="train on the chat prompts of the cached texts too (default: only on the assistant's "
                         "answers and on plain text, the positions decoding drafts from)")

@@ -25,12 +25,34 @@ OPEN_ROWS = 64  # rows still being filled that a document may go into (first fit
 _SENTINEL = "\x00multitoken-user-turn\x00"
 
 
+LAYOUTS = ("documents", "stream")  # texts whole, each on its own; or joined into one stream cut into rows
+
+
 class PackedDocuments(NamedTuple):
     """Rows of packed documents, flat: ids, positions (restarting at 0 in each document) and
-    segments, each (rows * seq_len,)."""
+    segments, each (rows * seq_len,); positions and segments None for the ``stream`` layout."""
     ids: np.ndarray  # int64
-    positions: np.ndarray  # uint16
-    segments: np.ndarray  # uint8: PAD, PROMPT or TEXT
+    positions: np.ndarray | None  # uint16
+    segments: np.ndarray | None  # uint8: PAD, PROMPT or TEXT
+
+
+def pack_stream(tokenizer, texts: Iterable[str], seq_len: int, max_tokens: int | None) -> PackedDocuments:
+    """The ``stream`` layout (caches of format /1): tokenise ``texts`` (no special tokens), join
+    with EOS, cut to whole ``seq_len`` rows. A row then starts inside a text and attends across the
+    texts in it; every position trains."""
+    eos = tokenizer.eos_token_id
+    limit = None if max_tokens is None else max_tokens // seq_len * seq_len
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if limit is not None and len(ids) >= limit:
+            break
+    n = len(ids) // seq_len * seq_len if limit is None else min(limit, len(ids) // seq_len * seq_len)
+    if n == 0:
+        raise PretrainedError(f"corpus too small: {len(ids)} tokens, need at least seq_len={seq_len}")
+    return PackedDocuments(np.asarray(ids[:n], dtype=np.int64), None, None)
 
 
 def assistant_header(tokenizer) -> list[int] | None:

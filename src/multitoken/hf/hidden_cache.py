@@ -23,13 +23,14 @@ from torch import Tensor
 
 from multitoken.data import token_dtype
 from multitoken.errors import first_line
-from multitoken.hf.doc_packing import TEXT, PackedDocuments, pack_documents
+from multitoken.hf.doc_packing import LAYOUTS, TEXT, PackedDocuments, pack_documents, pack_stream
 from multitoken.hf.loading import PretrainedError, model_identity
 from multitoken.io import read_json, write_json
 from multitoken.model.layers import document_mask
 
 _HIDDEN_DTYPES = ("float16", "bfloat16")
-FORMAT = "multitoken-hidden-cache/2"  # /1: one joined stream cut into rows, no positions or segments
+FORMAT = "multitoken-hidden-cache/2"  # whole documents, with positions and segments
+STREAM_FORMAT = "multitoken-hidden-cache/1"  # the stream layout: one joined stream cut into rows
 
 
 def hidden_at_layer(model, input_ids: Tensor, layer: int | None = None,
@@ -58,14 +59,15 @@ def base_hidden_and_greedy(model, input_ids: Tensor, chunk: int = 1024, layer: i
     return hidden, greedy.view(final.shape[:2])
 
 
-def _check_head_input(model, input_ids: Tensor, positions: Tensor, hidden: Tensor) -> None:
+def _check_head_input(model, input_ids: Tensor, positions: Tensor | None, hidden: Tensor) -> None:
     """Refuse models whose logits are not ``lm_head(last_hidden_state)`` (scaled, soft-capped...).
 
     Compared with a tolerance: batch 1 and batch B trunks differ in the last bits.
     """
+    packed = {} if positions is None else {"position_ids": positions[:1],
+                                           "attention_mask": document_mask(positions[:1])}
     with torch.inference_mode():
-        logits = model(input_ids=input_ids[:1], position_ids=positions[:1], attention_mask=document_mask(positions[:1]),
-                       use_cache=False).logits.float()  # (1, T, V)
+        logits = model(input_ids=input_ids[:1], use_cache=False, **packed).logits.float()  # (1, T, V)
         mine = model.get_output_embeddings()(hidden[:1]).float()
     tol = (1e-3 if hidden.dtype == torch.float32 else 3e-2) * (1 + logits.abs().max())
     if (logits - mine).abs().max() > tol:
@@ -76,11 +78,13 @@ def _check_head_input(model, input_ids: Tensor, positions: Tensor, hidden: Tenso
 def build_hidden_cache(model, tokenizer, texts: Iterable[str], out_dir: str | os.PathLike,
                        seq_len: int = 256, max_tokens: int | None = None, batch_size: int = 8,
                        hidden_dtype: str = "float16", progress: bool = True,
-                       layer: int | None = None) -> "HiddenCache":
+                       layer: int | None = None, layout: str = "documents") -> "HiddenCache":
     """Run the frozen base over rows of packed documents; store hidden states and greedy tokens.
 
     layer: store the input of decoder layer ``layer`` instead of the final hidden state (for
     training the layers above it, :mod:`multitoken.hf.adapt`); recorded in meta.json.
+    layout: ``documents`` (:func:`~multitoken.hf.doc_packing.pack_documents`) or ``stream``
+    (:func:`~multitoken.hf.doc_packing.pack_stream`: format /1, no positions or segments files).
 
     Writes into ``<out_dir>.partial`` and renames it to ``out_dir`` when complete, so a killed
     build never looks finished; rerunning with the same inputs resumes after the last flushed
@@ -96,8 +100,10 @@ def build_hidden_cache(model, tokenizer, texts: Iterable[str], out_dir: str | os
         raise PretrainedError(f"hidden_dtype must be one of {_HIDDEN_DTYPES}, got {hidden_dtype!r}")
     if seq_len < 2 or batch_size < 1:
         raise PretrainedError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
+    if layout not in LAYOUTS:
+        raise PretrainedError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     out = Path(out_dir).expanduser()
-    docs = pack_documents(tokenizer, texts, seq_len, max_tokens)
+    docs = (pack_documents if layout == "documents" else pack_stream)(tokenizer, texts, seq_len, max_tokens)
     plan = _cache_plan(model, tokenizer, docs, seq_len, hidden_dtype, layer)
     if (out / "meta.json").is_file():
         meta = read_json(out / "meta.json", "hidden cache meta")
@@ -120,13 +126,17 @@ def _cache_plan(model, tokenizer, docs: PackedDocuments, seq_len: int, hidden_dt
     """What a cache of ``docs`` holds: equal plans mean an identical cache (reuse, resume)."""
     vocab, d = int(model.config.vocab_size), int(model.config.hidden_size)
     tok_dtype = token_dtype(vocab)
-    layout = hashlib.sha256(docs.ids.astype(tok_dtype).tobytes())
-    layout.update(docs.positions.tobytes())
-    layout.update(docs.segments.tobytes())
-    plan = {"format": FORMAT, "identity": model_identity(model, tokenizer),
+    stream = docs.positions is None
+    digest = hashlib.sha256(docs.ids.astype(tok_dtype).tobytes())
+    if not stream:
+        digest.update(docs.positions.tobytes())
+        digest.update(docs.segments.tobytes())
+    plan = {"format": STREAM_FORMAT if stream else FORMAT, "identity": model_identity(model, tokenizer),
             "vocab_size": vocab, "d_model": d, "seq_len": seq_len, "count": int(docs.ids.size),
             "rows": int(docs.ids.size // seq_len), "token_dtype": tok_dtype.name, "hidden_dtype": hidden_dtype,
-            "tokens_sha": layout.hexdigest()[:16], "text_tokens": int((docs.segments == TEXT).sum())}
+            "tokens_sha": digest.hexdigest()[:16]}
+    if not stream:
+        plan["text_tokens"] = int((docs.segments == TEXT).sum())
     if layer is not None:
         plan["layer"] = int(layer)
     return plan
@@ -150,7 +160,8 @@ def _fill_partial(model, docs: PackedDocuments, part: Path, plan: dict, batch_si
         part.mkdir(parents=True)
         for name, values, dtype in (("tokens", docs.ids, tok_dtype), ("positions", docs.positions, np.uint16),
                                     ("segments", docs.segments, np.uint8)):
-            values.astype(dtype).tofile(part / f"{name}.bin")
+            if values is not None:
+                values.astype(dtype).tofile(part / f"{name}.bin")
     greedy = np.memmap(part / "greedy.bin", dtype=tok_dtype, mode=mode, shape=(n,))
     hidden = np.memmap(part / "hidden.bin", dtype=np.float16 if fp16 else np.uint16, mode=mode, shape=(n, d))
     if not done:
@@ -165,7 +176,8 @@ def _fill_partial(model, docs: PackedDocuments, part: Path, plan: dict, batch_si
         r1 = min(rows, r0 + batch_size)
         span = slice(r0 * seq_len, r1 * seq_len)
         x = torch.from_numpy(docs.ids[span].reshape(r1 - r0, seq_len)).to(device)
-        pos = torch.from_numpy(docs.positions[span].astype(np.int64).reshape(r1 - r0, seq_len)).to(device)
+        pos = None if docs.positions is None else \
+            torch.from_numpy(docs.positions[span].astype(np.int64).reshape(r1 - r0, seq_len)).to(device)
         h, g = base_hidden_and_greedy(model, x, layer=layer, positions=pos)  # (b, T, d), (b, T)
         if not checked and layer is None:
             _check_head_input(model, x, pos, h)
@@ -185,11 +197,12 @@ def _fill_partial(model, docs: PackedDocuments, part: Path, plan: dict, batch_si
 
 
 class CachedRows(NamedTuple):
-    """Rows of a hidden cache: hidden (B, T, d) float32; tokens, greedy, positions, segments (B, T) long."""
+    """Rows of a hidden cache: hidden (B, T, d) float32; tokens, greedy, positions, segments (B, T)
+    long; positions None for a stream-layout cache (one causal sequence per row)."""
     hidden: Tensor
     tokens: Tensor
     greedy: Tensor
-    positions: Tensor
+    positions: Tensor | None
     segments: Tensor
 
 
@@ -197,9 +210,9 @@ class HiddenCache:
     """Read-only view of a :func:`build_hidden_cache` folder (memory-mapped, nothing loaded).
 
     Attributes: ``meta`` (dict), ``rows``, ``seq_len``, ``d_model``, ``vocab_size``, and the flat
-    memmaps ``tokens``, ``greedy``, ``positions``, ``segments`` (N,) and ``hidden`` (N, d) with
-    N = rows * seq_len. A cache of the first format (one joined stream cut into rows) reads as
-    rows of one document each, all TEXT.
+    memmaps ``tokens``, ``greedy``, ``segments`` (N,), ``positions`` (N,) and ``hidden`` (N, d)
+    with N = rows * seq_len. A stream-layout cache (format /1, one joined stream cut into rows)
+    has ``positions`` None and reads as one causal sequence per row, all TEXT.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -216,8 +229,7 @@ class HiddenCache:
                 self.positions = np.memmap(self.path / "positions.bin", dtype=np.uint16, mode="r", shape=(n,))
                 self.segments = np.memmap(self.path / "segments.bin", dtype=np.uint8, mode="r", shape=(n,))
             else:
-                self.positions = np.tile(np.arange(seq_len, dtype=np.uint16), n // seq_len)
-                self.segments = np.full(n, TEXT, dtype=np.uint8)
+                self.positions, self.segments = None, np.full(n, TEXT, dtype=np.uint8)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise PretrainedError(f"{self.path} is not a complete hidden cache: {first_line(err)}") from err
         self.seq_len, self.d_model = seq_len, d
@@ -247,7 +259,7 @@ class HiddenCache:
             return torch.from_numpy(values[flat].astype(np.int64)).view(len(rows), T)
 
         return CachedRows(h.view(len(rows), T, d), column(self.tokens), column(self.greedy),
-                          column(self.positions), column(self.segments))
+                          None if self.positions is None else column(self.positions), column(self.segments))
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
                 rows: np.ndarray | list[int] | None = None, drop_last: bool = False) -> Iterator[CachedRows]:

@@ -32,8 +32,10 @@ def _texts(model, tokenizer, data: Sequence[str] | None, generate_distill: int, 
 def run_heads_train(base: str, data: Sequence[str] | None, out_dir: str | os.PathLike, cfg: HeadsTrainConfig,
                     cache_dir: str | os.PathLike | None = None, max_tokens: int = 65536, seq_len: int = 256,
                     generate_distill: int = 0, dtype: str = "float32", threads: int | None = None,
-                    progress: bool = True, train_base_layers: int = 0, lora_rank: int = 0) -> dict[str, Any]:
-    """``multitoken heads train``: hidden cache (built or reused), then :func:`train_heads`.
+                    progress: bool = True, train_base_layers: int = 0, lora_rank: int = 0,
+                    cache_layout: str = "documents") -> dict[str, Any]:
+    """``multitoken heads train``: hidden cache (built or reused, ``cache_layout`` as in
+    :func:`~multitoken.hf.build_hidden_cache`), then :func:`train_heads`.
     With ``train_base_layers`` the cache holds the input of the first trained layer."""
     from multitoken.hf import (
         HiddenCache, MTPHeadsForCausalLM, build_hidden_cache, cache_layer, load_base, model_identity,
@@ -58,7 +60,7 @@ def run_heads_train(base: str, data: Sequence[str] | None, out_dir: str | os.Pat
     else:
         cache = build_hidden_cache(model, tokenizer, _texts(model, tokenizer, data, generate_distill, progress),
                                    cache_path, seq_len=seq_len, max_tokens=max_tokens, progress=progress,
-                                   layer=cache_layer(model, train_base_layers))
+                                   layer=cache_layer(model, train_base_layers), layout=cache_layout)
     cache_s = time.perf_counter() - t1
     heads = MTPHeadsForCausalLM(model, cfg.n_future, cfg.head_type, d_ff=cfg.d_ff, identity=identity,
                                 train_base_layers=train_base_layers, lora_rank=lora_rank)

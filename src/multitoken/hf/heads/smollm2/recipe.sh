@@ -16,8 +16,11 @@ CACHE=${CACHE:-runs/smollm2-cache5}
 #    result does not depend on the machine's load), each draft head's CE half on the base's greedy token and
 #    half on its whole next-token distribution (--soft-targets 0.5, read off the cached hidden states).
 #    On 2 cores, 67 min in all: self-instruct 4.5 min, the answers 27 min, the hidden cache 13 min, training 25 min.
+#    The cache is the stream layout (texts joined and cut into rows, every position trained): heads made from the
+#    same answers in the default documents layout (each text whole, trained on its answer) were no better
+#    (bench/smollm2/NOTES.md §11), so these stay.
 .venv/bin/python -m multitoken heads train --base smollm2 --data '<stdlib>' '<prose>' --out "$RUN" \
-    --cache "$CACHE" --generate-distill 480000 --max-tokens 786432 --head-type sequential --n-future 4 \
+    --cache "$CACHE" --cache-layout stream --generate-distill 480000 --max-tokens 786432 --head-type sequential --n-future 4 \
     --targets distill --soft-targets 0.5 --draft-vocab 4096 --d-ff 768 --tree-budget 15 --steps 1500 --eval-every 100 \
     --lr 2e-3 --warmup 30 --batch-size 8 --threads 2
 .venv/bin/python bench/smollm2/summarize_heads_train.py "$RUN" bench/smollm2/heads_train
