@@ -22,10 +22,8 @@ from multitoken.hf.loading import PretrainedError
 
 PAD, PROMPT, TEXT = 0, 1, 2
 OPEN_ROWS = 64  # rows still being filled that a document may go into (first fit among them)
-_SENTINEL = "\x00multitoken-user-turn\x00"
-
-
 LAYOUTS = ("documents", "stream")  # texts whole, each on its own; or joined into one stream cut into rows
+_SENTINEL = "\x00multitoken-user-turn\x00"
 
 
 class PackedDocuments(NamedTuple):

@@ -33,13 +33,19 @@ FORMAT = "multitoken-hidden-cache/2"  # whole documents, with positions and segm
 STREAM_FORMAT = "multitoken-hidden-cache/1"  # the stream layout: one joined stream cut into rows
 
 
+def packed_inputs(positions: Tensor | None) -> dict:
+    """Keyword arguments that make an HF forward treat each packed document of a row on its own
+    (its positions, a block-diagonal causal mask); none for plain rows (positions None)."""
+    return {} if positions is None else {"position_ids": positions, "attention_mask": document_mask(positions)}
+
+
 def hidden_at_layer(model, input_ids: Tensor, layer: int | None = None,
                     positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(hidden at ``layer``, final post-norm hidden), both (B, T, d), for input_ids (B, T).
     ``layer`` None: the final one (the ``lm_head`` input); i: the input of decoder layer i.
     positions (B, T): rows of packed documents, each attended to on its own."""
-    packed = {} if positions is None else {"position_ids": positions, "attention_mask": document_mask(positions)}
-    out = model.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=layer is not None, **packed)
+    out = model.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=layer is not None,
+                           **packed_inputs(positions))
     final = out.last_hidden_state
     return (final if layer is None else out.hidden_states[layer]), final
 
@@ -64,10 +70,9 @@ def _check_head_input(model, input_ids: Tensor, positions: Tensor | None, hidden
 
     Compared with a tolerance: batch 1 and batch B trunks differ in the last bits.
     """
-    packed = {} if positions is None else {"position_ids": positions[:1],
-                                           "attention_mask": document_mask(positions[:1])}
+    first = None if positions is None else positions[:1]
     with torch.inference_mode():
-        logits = model(input_ids=input_ids[:1], use_cache=False, **packed).logits.float()  # (1, T, V)
+        logits = model(input_ids=input_ids[:1], use_cache=False, **packed_inputs(first)).logits.float()  # (1, T, V)
         mine = model.get_output_embeddings()(hidden[:1]).float()
     tol = (1e-3 if hidden.dtype == torch.float32 else 3e-2) * (1 + logits.abs().max())
     if (logits - mine).abs().max() > tol:
