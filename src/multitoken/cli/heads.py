@@ -82,7 +82,8 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--cache", metavar="DIR", help="hidden cache folder (reused if complete; default OUT/hidden_cache)")
     t.add_argument("--generate-distill", type=int, default=0, metavar="N",
                    help="first generate about N tokens of the base's own greedy answers (chat models: code and "
-                        "prose requests in the chat template; else corpus continuations) and cache those first")
+                        "prose requests in the chat template; else corpus continuations) and cache those first "
+                        "(documents layout: with the states generation computed, not run through the base again)")
     t.add_argument("--train-base-layers", type=int, default=0, metavar="N",
                    help="also train the base's top N layers (Medusa-2 style; the output then follows the "
                         "adapted base, not the original)")

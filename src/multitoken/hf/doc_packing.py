@@ -26,23 +26,43 @@ LAYOUTS = ("documents", "stream")  # texts whole, each on its own; or joined int
 _SENTINEL = "\x00multitoken-user-turn\x00"
 
 
+class DocumentStates(NamedTuple):
+    """A tokenised document with what a hidden cache stores for it, computed elsewhere (by
+    generation: :func:`multitoken.hf.distill.generate_distill_documents`), so the cache copies
+    them instead of running the base: ids (L,) int64; hidden (L, d) float16 final-norm states;
+    greedy (L,) int64, the base's argmax next token at each position."""
+    ids: np.ndarray
+    hidden: np.ndarray
+    greedy: np.ndarray
+
+
 class PackedDocuments(NamedTuple):
     """Rows of packed documents, flat: ids, positions (restarting at 0 in each document) and
-    segments, each (rows * seq_len,); positions and segments None for the ``stream`` layout."""
+    segments, each (rows * seq_len,); positions and segments None for the ``stream`` layout.
+    known: (flat start, :class:`DocumentStates`) of each document whose states are known."""
     ids: np.ndarray  # int64
     positions: np.ndarray | None  # uint16
     segments: np.ndarray | None  # uint8: PAD, PROMPT or TEXT
+    known: tuple[tuple[int, DocumentStates], ...] = ()
 
 
-def pack_stream(tokenizer, texts: Iterable[str], seq_len: int, max_tokens: int | None) -> PackedDocuments:
+def text_ids(tokenizer, text: str | DocumentStates) -> list[int]:
+    """A text's token ids (no special tokens added); a :class:`DocumentStates`' own ids."""
+    if isinstance(text, DocumentStates):
+        return text.ids.tolist()
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def pack_stream(tokenizer, texts: Iterable[str | DocumentStates], seq_len: int,
+                max_tokens: int | None) -> PackedDocuments:
     """The ``stream`` layout (caches of format /1): tokenise ``texts`` (no special tokens), join
     with EOS, cut to whole ``seq_len`` rows. A row then starts inside a text and attends across the
-    texts in it; every position trains."""
+    texts in it; every position trains. Known states are not used: they belong to a text alone."""
     eos = tokenizer.eos_token_id
     limit = None if max_tokens is None else max_tokens // seq_len * seq_len
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        ids.extend(text_ids(tokenizer, text))
         if eos is not None:
             ids.append(eos)
         if limit is not None and len(ids) >= limit:
@@ -86,22 +106,26 @@ def chat_segments(ids: Sequence[int], header: Sequence[int] | None, eos: int | N
     return segments
 
 
-def pack_documents(tokenizer, texts: Iterable[str], seq_len: int, max_tokens: int | None) -> PackedDocuments:
+def pack_documents(tokenizer, texts: Iterable[str | DocumentStates], seq_len: int,
+                   max_tokens: int | None) -> PackedDocuments:
     """Tokenise ``texts`` (no special tokens added; EOS appended unless a text ends with it) and
     pack them whole into rows of ``seq_len`` (first fit among the last :data:`OPEN_ROWS` rows;
     a text longer than a row is cut into row-long pieces, each a document of its own), the rest
-    of each row EOS padding. Stops when ``max_tokens // seq_len`` rows are full."""
+    of each row EOS padding. Stops when ``max_tokens // seq_len`` rows are full.
+    A :class:`DocumentStates` goes in as it is (its ids, nothing appended; it must fit a row, since
+    its states are those of the whole text) and is listed in ``known``."""
     if seq_len > np.iinfo(np.uint16).max:
         raise PretrainedError(f"seq_len {seq_len} is too long for a hidden cache (at most 65535)")
     eos = tokenizer.eos_token_id
     header = assistant_header(tokenizer)
     max_rows = None if max_tokens is None else max_tokens // seq_len
-    rows: list[list[tuple[list[int], np.ndarray]]] = []  # per row: its documents (ids, segments)
+    Placed = tuple[list[int], np.ndarray, DocumentStates | None]  # ids, segments, known states
+    rows: list[list[Placed]] = []  # per row: its documents
     free: list[int] = []  # tokens still free per row
 
-    def place(ids: list[int], segments: np.ndarray) -> bool:
+    def place(doc: Placed) -> bool:
         for r in range(max(0, len(rows) - OPEN_ROWS), len(rows)):
-            if free[r] >= len(ids):
+            if free[r] >= len(doc[0]):
                 break
         else:
             if max_rows is not None and len(rows) >= max_rows:
@@ -109,30 +133,38 @@ def pack_documents(tokenizer, texts: Iterable[str], seq_len: int, max_tokens: in
             rows.append([])
             free.append(seq_len)
             r = len(rows) - 1
-        rows[r].append((ids, segments))
-        free[r] -= len(ids)
+        rows[r].append(doc)
+        free[r] -= len(doc[0])
         return True
 
     for text in texts:
-        ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        if eos is not None and (not ids or ids[-1] != eos):
+        known = text if isinstance(text, DocumentStates) else None
+        ids = text_ids(tokenizer, text)
+        if known is None and eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
+        if known is not None and not 0 < len(ids) <= seq_len:
+            raise PretrainedError(f"a text with known states has {len(ids)} tokens; a row holds 1 to {seq_len}")
         segments = chat_segments(ids, header, eos)
-        pieces = [(ids[i:i + seq_len], segments[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
-        if not all(place(*piece) for piece in pieces):
+        pieces = [(ids[i:i + seq_len], segments[i:i + seq_len], known) for i in range(0, len(ids), seq_len)]
+        if not all(place(piece) for piece in pieces):
             break
     real = len(rows) * seq_len - sum(free)
     if real < seq_len:
         raise PretrainedError(f"corpus too small: {real} tokens, need at least seq_len={seq_len}")
     pad = 0 if eos is None else eos
-    out_ids, out_pos, out_seg = [], [], []
+    out_ids, out_pos, out_seg, out_known, at = [], [], [], [], 0
     for docs, left in zip(rows, free):
-        for ids, segments in docs:
+        for ids, segments, known in docs:
             out_ids.append(np.asarray(ids, dtype=np.int64))
             out_pos.append(np.arange(len(ids), dtype=np.uint16))
             out_seg.append(segments)
+            if known is not None:
+                out_known.append((at, known))
+            at += len(ids)
         if left:
             out_ids.append(np.full(left, pad, dtype=np.int64))
             out_pos.append(np.arange(left, dtype=np.uint16))
             out_seg.append(np.full(left, PAD, dtype=np.uint8))
-    return PackedDocuments(np.concatenate(out_ids), np.concatenate(out_pos), np.concatenate(out_seg))
+            at += left
+    return PackedDocuments(np.concatenate(out_ids), np.concatenate(out_pos), np.concatenate(out_seg),
+                           tuple(out_known))

@@ -9,24 +9,30 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from multitoken.data import training_texts
+from multitoken.hf.doc_packing import DocumentStates
 from multitoken.io import write_json
 from multitoken.training.heads import train_heads
 from multitoken.training.heads_config import HeadsTrainConfig, HeadsTrainError
 
 
-def _texts(model, tokenizer, data: Sequence[str] | None, generate_distill: int, progress: bool) -> Iterable[str]:
-    """The cache's text stream: the base's own answers (``generate_distill`` tokens) first, then ``data``."""
+def _texts(model, tokenizer, data: Sequence[str] | None, generate_distill: int, progress: bool,
+           keep_states: bool, seq_len: int) -> Iterable[str | DocumentStates]:
+    """The cache's texts: the base's own answers (``generate_distill`` tokens) first, then ``data``.
+    keep_states: the answers come with the states generation computed (documents layout, final-norm
+    cache), so the cache need not run the base over them again."""
     texts: Iterable[str] = training_texts(data)
-    if generate_distill:
-        from multitoken.hf.distill import distill_prompts, generate_distill_texts
+    if not generate_distill:
+        return texts
+    from multitoken.hf.distill import distill_prompts, generate_distill_documents, generate_distill_texts
 
-        texts = list(texts)
-        # One request per 96 answer tokens: SmolLM2's answers average ~118 (they stop at EOS or 128
-        # tokens), so ~20% are spare; generation stops at generate_distill, dropping a random subset.
-        prompts = distill_prompts(tokenizer, texts[::7], max(8, generate_distill // 96), model=model,
-                                  progress=progress)
-        texts = generate_distill_texts(model, tokenizer, prompts, generate_distill, progress=progress) + texts
-    return texts
+    texts = list(texts)
+    # One request per 96 answer tokens: SmolLM2's answers average ~118 (they stop at EOS or 128
+    # tokens), so ~20% are spare; generation stops at generate_distill, dropping a random subset.
+    prompts = distill_prompts(tokenizer, texts[::7], max(8, generate_distill // 96), model=model, progress=progress)
+    if keep_states:
+        return generate_distill_documents(model, tokenizer, prompts, generate_distill, max_len=seq_len,
+                                          progress=progress) + texts
+    return generate_distill_texts(model, tokenizer, prompts, generate_distill, progress=progress) + texts
 
 
 def run_heads_train(base: str, data: Sequence[str] | None, out_dir: str | os.PathLike, cfg: HeadsTrainConfig,
@@ -58,9 +64,11 @@ def run_heads_train(base: str, data: Sequence[str] | None, out_dir: str | os.Pat
         cache = HiddenCache(cache_path)  # reuse, whatever texts built it, once it is this model's
         cache.check_model(model, tokenizer)
     else:
-        cache = build_hidden_cache(model, tokenizer, _texts(model, tokenizer, data, generate_distill, progress),
-                                   cache_path, seq_len=seq_len, max_tokens=max_tokens, progress=progress,
-                                   layer=cache_layer(model, train_base_layers), layout=cache_layout)
+        layer = cache_layer(model, train_base_layers)
+        texts = _texts(model, tokenizer, data, generate_distill, progress,
+                       keep_states=cache_layout == "documents" and layer is None, seq_len=seq_len)
+        cache = build_hidden_cache(model, tokenizer, texts, cache_path, seq_len=seq_len, max_tokens=max_tokens,
+                                   progress=progress, layer=layer, layout=cache_layout)
     cache_s = time.perf_counter() - t1
     heads = MTPHeadsForCausalLM(model, cfg.n_future, cfg.head_type, d_ff=cfg.d_ff, identity=identity,
                                 train_base_layers=train_base_layers, lora_rank=lora_rank)
