@@ -138,15 +138,14 @@ def greedy_with_states(model, ids: Tensor, mask: Tensor, new_tokens: int, eos: i
     from transformers import DynamicCache
 
     from multitoken.hf.hf_forward import cache_keyword
+    from multitoken.hf.hidden_cache import greedy_tokens
 
     base, head = model.base_model, model.get_output_embeddings()
     cache = {cache_keyword(model): DynamicCache(config=model.config)}  # filled in place by every pass
     positions = mask.cumsum(-1) - 1  # (B, W); padding at -1, masked out
     out = base(input_ids=ids, attention_mask=mask, position_ids=positions.clamp(min=0), use_cache=True, **cache)
     states = [out.last_hidden_state]  # [(B, W, d)]
-    flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
-    greedy = [torch.cat([head(flat[i:i + chunk]).argmax(-1) for i in range(0, flat.shape[0], chunk)])
-              .view(ids.shape)]  # [(B, W)]
+    greedy = [greedy_tokens(model, out.last_hidden_state, chunk)]  # [(B, W)]
     nxt, done, answers = greedy[0][:, -1], torch.zeros(ids.shape[0], dtype=torch.bool), []
     for step in range(new_tokens):
         answers.append(nxt)

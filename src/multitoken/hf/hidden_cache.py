@@ -62,10 +62,16 @@ def base_hidden_and_greedy(model, input_ids: Tensor, chunk: int = 1024, layer: i
     (B, T) long. The (B, T, V) logits are never materialised at once: ``lm_head`` runs on ``chunk`` rows.
     """
     hidden, final = hidden_at_layer(model, input_ids, layer, positions)
+    return hidden, greedy_tokens(model, final, chunk)
+
+
+def greedy_tokens(model, final: Tensor, chunk: int = 1024) -> Tensor:
+    """The base head's argmax on final-norm states (B, T, d) -> (B, T) long, ``chunk`` positions
+    at a time, so the (B, T, V) logits are never materialised at once."""
     head = model.get_output_embeddings()
     flat = final.reshape(-1, final.shape[-1])  # (B*T, d)
     greedy = torch.cat([head(flat[i:i + chunk]).argmax(-1) for i in range(0, flat.shape[0], chunk)])
-    return hidden, greedy.view(final.shape[:2])
+    return greedy.view(final.shape[:2])
 
 
 def check_head_input(model, input_ids: Tensor, positions: Tensor | None, hidden: Tensor) -> None:
