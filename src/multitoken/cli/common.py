@@ -55,8 +55,11 @@ def load_decoder(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     if getattr(args, "base", None):
         from multitoken.hf import load_heads_model
-        return load_heads_model(args.base, args.heads, fast_kernels=not args.no_fast_kernels,
-                                fast_forward=not args.hf_forward)
+        model, tokenizer = load_heads_model(args.base, args.heads, fast_kernels=not args.no_fast_kernels,
+                                            fast_forward=not args.hf_forward)
+        if getattr(args, "no_vocab_screen", False):
+            model.vocab_screen = None
+        return model, tokenizer
     if not args.model:
         raise UsageError("give --model DIR (a trained multitoken checkpoint) or --base/--heads")
     from multitoken.training import load_model
@@ -96,6 +99,10 @@ def add_decode_path_flags(parser) -> None:
     parser.add_argument("--no-fast-kernels", action="store_true",
                         help="keep F.linear in the base's decode passes (default on CPU: oneDNN reordered weights, "
                              "see multitoken.hf.kernels)")
+    parser.add_argument("--no-vocab-screen", action="store_true",
+                        help="score the base head in float32 over the whole vocabulary in greedy passes too (default "
+                             "where the CPU has native bfloat16: a bfloat16 screen, then float32 logits wherever the "
+                             "maximum can be; the same argmax, see multitoken.hf.vocab_screen)")
     parser.add_argument("--hf-forward", action="store_true",
                         help="decode through the base's own HF forward and DynamicCache (default for Llama-family "
                              "bases: the lean forward over a static cache, see multitoken.hf.lean_forward)")

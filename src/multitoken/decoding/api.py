@@ -24,7 +24,7 @@ from multitoken.decoding.sampling import Sampler
 from multitoken.decoding.stats import GenerationResult, GenerationStats
 from multitoken.decoding.tree_verify import TreeStep
 from multitoken.errors import MultitokenError
-from multitoken.model.protocol import MTPDecoderModel
+from multitoken.model.protocol import MTPDecoderModel, greedy_verify
 
 MODES = ("ar", "spec", "draft", "tree")
 
@@ -94,7 +94,7 @@ def generate(model: MTPDecoderModel, prompt_ids, max_new_tokens: int, mode: str 
         policy, chosen_by = spec_policy(model, num_draft, len(rows), draft_cost,
                                         cost_model if mode == "spec" else "off")
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), greedy_verify(sampler.greedy):
         tracker = Tracker(len(rows), max_new_tokens, eos_id, num_draft + lookup, on_tokens)
         if mode == "tree":
             stepper = TreeStep(model, sampler, num_draft, tree=tree, budget=tree_budget, lookup=lookup,

@@ -27,7 +27,7 @@ from multitoken.decoding.batch import device_of
 from multitoken.decoding.tree_flat import FlatTree, flatten_tree
 from multitoken.decoding.tree_presets import build_tree, prior_acceptance
 from multitoken.errors import MultitokenError
-from multitoken.model.protocol import MTPDecoderModel
+from multitoken.model.protocol import MTPDecoderModel, greedy_verify
 
 CALIBRATION_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16)  # verify widths measured (others interpolated)
 CALIBRATION_BATCHES = (1, 4)  # batch sizes measured (others interpolated / extrapolated)
@@ -215,8 +215,9 @@ def calibrate(model: MTPDecoderModel, batches: Sequence[int] = CALIBRATION_BATCH
               f"{', '.join(map(str, batches))}, {heads} draft heads), once per model and machine ...",
               end="", file=progress, flush=True)
     verify, draft = [], []
-    # A model's warnings about batched passes speak of the user's decode, not of this probe.
-    with torch.inference_mode(), warnings.catch_warnings():
+    # A model's warnings about batched passes speak of the user's decode, not of this probe. The passes
+    # are timed as greedy decoding runs them (the defaults it drives are greedy ones).
+    with torch.inference_mode(), warnings.catch_warnings(), greedy_verify():
         warnings.simplefilter("ignore")
         for b in batches:
             timer = PassTimer(model, b, prefix_len, widths[-1], draft_calls=draft_calls)

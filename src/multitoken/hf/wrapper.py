@@ -34,11 +34,12 @@ from multitoken.hf.kernel_choice import cached_min_rows
 from multitoken.hf.kernels import ONEDNN_NEVER, block_kernels, install_block_linears
 from multitoken.hf.lean_forward import LeanDecoderForward, lean_forward_unsupported
 from multitoken.hf.loading import HFTokenizer
+from multitoken.hf.vocab_screen import VocabScreen, fast_bf16_available
 from multitoken.io import atomic_write, write_json
 from multitoken.model.config import MTPConfig
 from multitoken.model.heads import HeadsDecodeState, SharedModules, build_heads
 from multitoken.model.layers import CommittedSequence, KVCache, RotaryEmbedding
-from multitoken.model.protocol import ConfigDecoderAttributes, DraftPicker, check_row_index
+from multitoken.model.protocol import ConfigDecoderAttributes, DraftPicker, check_row_index, greedy_verify_active
 
 HF_HEAD_TYPES = ("residual", "linear", "sequential")
 
@@ -102,7 +103,8 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
 
     def __init__(self, base: nn.Module, n_future: int = 4, head_type: str = "residual", d_ff: int | None = None,
                  freeze_base: bool = True, identity: dict | None = None, fast_kernels: bool = True,
-                 train_base_layers: int = 0, lora_rank: int = 0, fast_forward: bool = True):
+                 train_base_layers: int = 0, lora_rank: int = 0, fast_forward: bool = True,
+                 vocab_screen: bool | None = None):
         """fast_kernels: decode passes of a float32 CPU base multiply blocks of rows through
         oneDNN-reordered weights (:mod:`multitoken.hf.kernels`; the base's ``nn.Linear`` layers
         become ``BlockLinear``, which is ``F.linear`` everywhere else), from the block size at
@@ -113,7 +115,11 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
         same operations, a static KV cache, none of HF's per-call machinery); other bases, or
         False, use the HF forward and ``DynamicCache``.
         train_base_layers / lora_rank: also train the base's top N layers, in full or through
-        LoRA adapters (:mod:`multitoken.hf.adapt`); decoding then reproduces the adapted base."""
+        LoRA adapters (:mod:`multitoken.hf.adapt`); decoding then reproduces the adapted base.
+        vocab_screen: greedy passes of a float32 base find the base head's argmax through a
+        bfloat16 screen and float32 logits where the maximum can be (:mod:`multitoken.hf.vocab_screen`;
+        the same argmax for about half the bytes). None: where the CPU multiplies bfloat16
+        natively and the base head is a plain linear; True: also elsewhere (slower, for tests)."""
         super().__init__()
         self.base = base
         self.adaptation = {"layers": int(train_base_layers), "lora_rank": int(lora_rank)}
@@ -138,6 +144,23 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
         self.kernel_min_rows: int | None = None
         self.lean_forward = LeanDecoderForward(self.base) \
             if fast_forward and lean_forward_unsupported(self.base) is None else None
+        self.vocab_screen = self._vocab_screen(vocab_screen)
+
+    def _vocab_screen(self, wanted: bool | None) -> VocabScreen | None:
+        head = self.lm_head
+        plain = isinstance(head, nn.Linear) and head.bias is None and head.weight.dtype == torch.float32 \
+            and head.weight.device.type == "cpu" and getattr(self.base.config, "final_logit_softcapping", None) is None
+        if wanted is False or not plain or (wanted is None and not fast_bf16_available()):
+            return None
+        return VocabScreen(head.weight)
+
+    def base_logits(self, hidden: Tensor) -> Tensor:
+        """The base head's float32 logits (..., V) of final-norm states (..., d); inside
+        :func:`~multitoken.model.protocol.greedy_verify`, through the vocabulary screen when
+        there is one (the same argmax)."""
+        if self.vocab_screen is not None and greedy_verify_active():
+            return self.vocab_screen.logits(hidden)
+        return self.lm_head(hidden).float()
 
     # ----------------------------------------------------------------- draft vocabulary
     @property
@@ -238,7 +261,7 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
                depths: Tensor | None = None) -> Tensor:
         with block_kernels(self.fast_kernels, self.block_min_rows):
             hidden = self._verify_hidden(state, tokens, tree_mask, depths)
-            return self.lm_head(hidden).float()
+            return self.base_logits(hidden)
 
     @torch.no_grad()
     def verify_last(self, state: HFDecodeState, tokens: Tensor, last: Tensor) -> Tensor:
@@ -247,7 +270,7 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
         with block_kernels(self.fast_kernels, self.block_min_rows):
             hidden = self._verify_hidden(state, tokens, None, None)  # (B, W, d)
             rows = torch.arange(hidden.shape[0], device=hidden.device)
-            return self.lm_head(hidden[rows, last.to(hidden.device)]).float()
+            return self.base_logits(hidden[rows, last.to(hidden.device)])
 
     def _verify_hidden(self, state: HFDecodeState, tokens: Tensor, tree_mask: Tensor | None,
                        depths: Tensor | None) -> Tensor:
@@ -344,7 +367,7 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
     def cost_key(self) -> dict:
         """Settings that change the cost of a pass (a calibration made under others is not reused)."""
         return {"fast_kernels": bool(self.fast_kernels), "kernel_min_rows": self.block_min_rows,
-                "lean_forward": self.lean_forward is not None,
+                "lean_forward": self.lean_forward is not None, "vocab_screen": self.vocab_screen is not None,
                 "draft_vocab": None if self.draft_ids is None else int(self.draft_ids.numel())}
 
 

@@ -25,10 +25,16 @@ which tree decoding builds the tree with the best expected tokens per cost on th
 dict of settings that change pass costs (e.g. which kernels the forward uses), so a
 calibration made under other settings is not reused; ``identity``, a dict whose
 ``fingerprint`` names the weights. :func:`decode_hint` reads them.
+
+Greedy passes: inside :func:`greedy_verify`, the caller uses each verify position's argmax only, so a
+model may return logits that are exact only where they can be the maximum (the HF wrapper's
+bfloat16 vocabulary screen, :mod:`multitoken.hf.vocab_screen`); the argmax is the same.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+import contextlib
+import threading
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -38,6 +44,24 @@ from multitoken.errors import MultitokenError
 # pick(logits (B, V), j) -> tokens (B,): chooses draft token j from head j+1's logits.
 # Chained heads (``sequential``) condition later drafts on earlier picks.
 DraftPicker = Callable[[Tensor, int], Tensor]
+_passes = threading.local()
+
+
+@contextlib.contextmanager
+def greedy_verify(enabled: bool = True) -> Iterator[None]:
+    """While active (and ``enabled``), verify passes need only each position's argmax
+    (greedy decoding); see the module docstring. Nests; per thread."""
+    before = getattr(_passes, "greedy", False)
+    _passes.greedy = enabled
+    try:
+        yield
+    finally:
+        _passes.greedy = before
+
+
+def greedy_verify_active() -> bool:
+    """Whether the current verify pass may return argmax-exact logits (:func:`greedy_verify`)."""
+    return getattr(_passes, "greedy", False)
 
 
 @runtime_checkable
@@ -64,7 +88,8 @@ class MTPDecoderModel(Protocol):
         tree_mask: (W, W) or (B, W, W) bool, ``tree_mask[i, j]`` = block token i may attend
             to block token j (ancestors and itself). None means causal (a chain).
         depths: (W,) or (B, W) long depth of each block token; None means ``arange(W)``.
-        Returns logits (B, W, V) float32. Nothing is committed until ``accept``.
+        Returns logits (B, W, V) float32 (inside :func:`greedy_verify`: their argmax may be
+        all that is exact). Nothing is committed until ``accept``.
         """
         ...
 
