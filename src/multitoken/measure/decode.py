@@ -27,6 +27,7 @@ import torch
 from multitoken.decoding import GenerationStats, generate
 from multitoken.errors import MultitokenError
 from multitoken.io import write_json
+from multitoken.model.protocol import greedy_verify
 
 HF_DECODERS = ("hf", "hf_pld")
 MULTITOKEN_DECODERS = ("ar", "spec", "spec_full", "spec_adaptive", "draft", "tree_heads", "tree")
@@ -230,13 +231,16 @@ def summarize(per_prompt: list[dict], per_batch: list[dict], decoders: Sequence[
 
 
 def verify_costs(model, widths: Sequence[int], prefix_len: int | None = None) -> list[dict]:
-    """verify_cost_by_width through the model's decode path and, where that is a fast one (lean
-    forward, oneDNN kernels), also through HF's forward with plain F.linear; every ``relative``
-    is then to the HF forward at the smallest width. ``prefix_len``: None = verify_cost_by_width's."""
+    """verify_cost_by_width through the model's decode path, as greedy decoding runs it (inside
+    ``greedy_verify``: the vocabulary screen where there is one) and, where that is a fast one
+    (lean forward, oneDNN kernels), also through HF's forward with plain F.linear; every
+    ``relative`` is then to the HF forward at the smallest width. ``prefix_len``: None =
+    verify_cost_by_width's."""
     from multitoken.measure.verify_cost import verify_cost_by_width
 
     kw = {} if prefix_len is None else {"prefix_len": prefix_len}
-    rows = verify_cost_by_width(model, widths, **kw)
+    with greedy_verify():
+        rows = verify_cost_by_width(model, widths, **kw)
     fast = (getattr(model, "fast_kernels", False), getattr(model, "lean_forward", None))
     if not fast[0] and fast[1] is None:
         return rows

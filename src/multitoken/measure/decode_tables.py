@@ -32,7 +32,9 @@ def verify_cost_markdown(verify: list[dict]) -> list[str]:
     lines = ["Verify-pass cost by block width (one forward over W new tokens after a prefix; 1 = a plain "
              "decoding step; a tree of N nodes is width N+1):", ""]
     if "hf_seconds" in verify[0]:
-        lines += ["× is relative to one token through HF's forward with F.linear (one HF greedy step).", "",
+        lines += ["× is relative to one token through HF's forward with F.linear (one HF greedy step). The "
+                  "multitoken path is timed as greedy decoding runs it (with the vocabulary screen where the "
+                  "CPU has one, `multitoken.hf.vocab_screen`).", "",
                   "| W | HF forward, F.linear ms (median) | × | multitoken decode path ms (median) | × |",
                   "|---|---|---|---|---|"]
         lines += [f"| {v['width']} | {1000 * v['hf_seconds']:.2f} | {v['hf_relative']:.2f} | "
