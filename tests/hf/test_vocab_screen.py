@@ -132,3 +132,11 @@ def test_no_screen_for_a_bfloat16_base():
     model = MTPHeadsForCausalLM(make_arch("llama", 0, vocab=VOCAB).to(torch.bfloat16), 2, "residual",
                                 vocab_screen=True)
     assert model.vocab_screen is None
+
+
+def test_a_model_cast_to_bfloat16_after_construction_keeps_the_plain_head():
+    model, calls = screened(make_arch("llama", 0, vocab=VOCAB), "residual")
+    model.to(torch.bfloat16)
+    with greedy_verify():
+        logits = model.verify(model.new_state(1, 8), torch.zeros(1, 3, dtype=torch.long))
+    assert logits.shape == (1, 3, VOCAB) and not calls

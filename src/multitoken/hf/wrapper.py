@@ -158,8 +158,11 @@ class MTPHeadsForCausalLM(HFGenerationMixin, ConfigDecoderAttributes, nn.Module)
         """The base head's float32 logits (..., V) of final-norm states (..., d); inside
         :func:`~multitoken.model.protocol.greedy_verify`, through the vocabulary screen when
         there is one (the same argmax)."""
-        if self.vocab_screen is not None and greedy_verify_active():
-            return self.vocab_screen.logits(hidden)
+        screen = self.vocab_screen
+        # (a model moved to another device or dtype after construction keeps the plain head)
+        if screen is not None and greedy_verify_active() and hidden.device.type == "cpu" \
+                and hidden.dtype == screen.weight.dtype == torch.float32:
+            return screen.logits(hidden)
         return self.lm_head(hidden).float()
 
     # ----------------------------------------------------------------- draft vocabulary
