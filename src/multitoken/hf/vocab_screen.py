@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from multitoken.hf.kernels import available as onednn_available
+
 BF16_ROUNDOFF = 2.0 ** -8  # unit roundoff of bfloat16 (8-bit significand, round to nearest)
 F32_ROUNDOFF = 2.0 ** -24
 # |bf16(x) - x| <= u' |bf16(x)| for the screen's bfloat16 outputs (u / (1 - u), with 1% to spare).
@@ -41,7 +43,7 @@ def fast_bf16_available() -> bool:
     cpu = torch.cpu
     native = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(cpu, "_is_amx_tile_supported",
                                                                                    lambda: False)()
-    return bool(native) and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return bool(native) and onednn_available()
 
 
 def summation_error_factor(n: int) -> float:
@@ -96,8 +98,8 @@ class VocabScreen:
         1.01 for the rounding of this very computation.
         """
         self._prepare()
-        h_norm, low_norm = h.norm(dim=-1), h_low.float().norm(dim=-1)
-        diff_norm = (h_low.float() - h).norm(dim=-1)
+        h_low = h_low.float()
+        h_norm, low_norm, diff_norm = h.norm(dim=-1), h_low.norm(dim=-1), (h_low - h).norm(dim=-1)
         w_norm = self.low_norm + self.residual_norm
         return 1.01 * (diff_norm * self.low_norm + h_norm * self.residual_norm
                        + self.gamma * (low_norm + h_norm) * w_norm) + 1e-30
